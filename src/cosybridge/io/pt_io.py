@@ -1,0 +1,247 @@
+"""CosyVoice's llm.pt: a safe lazy reader and a streaming writer of torch.save's zip format.
+
+Reading goes only through `torch.load(weights_only=True)`, so a pickle that carries code is refused before
+it runs; with `mmap=True` tensors stay on disk until a row range is copied out, and the pages copied are
+handed back to the kernel (madvise) so the resident set does not grow with the file.
+
+Writing is by hand because torch.save needs every tensor whole in memory; the format is small and fixed
+(a protocol-2 pickle naming storages by key, one uncompressed zip record per storage, data 64-byte
+aligned), and the output is checked by loading it with torch.load(weights_only=True, mmap=True) in tests.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+from ..errors import CheckpointError
+from .dtypes import from_torch, nbytes
+from .source import TensorInfo, row_range
+
+log = logging.getLogger(__name__)
+
+# Entries that training adds around a state dict (CosyVoice's train loop, DeepSpeed's epoch_N_whole).
+TRAINING_SCALARS = ("epoch", "step", "global_step", "lr", "loss")
+WRAPPER_KEYS = ("module", "state_dict", "model")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "lr_scheduler", "scheduler")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PAGE = mmap.PAGESIZE
+
+
+class PtFile:
+    """A flat name → tensor dict from a .pt file, possibly unwrapped from a training checkpoint."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.notes: list[str] = []      # what was unwrapped or stripped, for inspect and the log
+        self.wrapper: str | None = None
+        obj, self._mapped = self._load()
+        self._tensors = self._unwrap(obj)
+
+    def _load(self):
+        import torch
+
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"{self.path}: no such file")
+        try:
+            try:
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True), True
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e).lower():
+                    raise
+                # legacy (pre-1.6) format cannot be mapped; still weights_only
+                return torch.load(self.path, map_location="cpu", weights_only=True), False
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            for line in str(e).splitlines():
+                if "Unsupported global" in line or "GLOBAL" in line:
+                    first = line.strip()
+                    break
+            raise CheckpointError(f"{self.path}: refused to load: the pickle asks to run code or build objects "
+                                  f"that are not tensors ({first[:160]}); nothing from it was executed") from None
+        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{self.path}: not a readable torch checkpoint ({msg[:160]})") from None
+
+    def _unwrap(self, obj) -> dict:
+        import torch
+
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{self.path}: holds a {type(obj).__name__}, expected a dict of name → tensor")
+        for key in WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                rest = sorted(k for k in obj if k != key)
+                self.wrapper = key
+                self.notes.append(f"unwrapped the {key!r} dict of a training checkpoint"
+                                  + (f" (ignoring {', '.join(map(str, rest))})" if rest else ""))
+                obj = inner
+                break
+        tensors, stripped = {}, []
+        for k, v in obj.items():
+            if isinstance(v, torch.Tensor):
+                tensors[str(k)] = v
+            elif k in TRAINING_SCALARS or k in OPTIMIZER_KEYS:
+                stripped.append(str(k))
+            else:
+                raise CheckpointError(f"{self.path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
+                                      "expected a flat dict of name → tensor")
+        if stripped:
+            self.notes.append(f"stripped training entries: {', '.join(sorted(stripped))}")
+        if not tensors:
+            what = "optimizer state only" if any(k in OPTIMIZER_KEYS for k in stripped) else "no tensors"
+            raise CheckpointError(f"{self.path}: holds {what}, no model weights; "
+                                  "use the model checkpoint (llm.pt or epoch_N_whole.pt)")
+        return tensors
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor(self, name: str):
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}") from None
+
+    def info(self, name: str) -> TensorInfo:
+        t = self.tensor(name)
+        return TensorInfo(from_torch(t.dtype), tuple(t.shape))
+
+    def shares_storage(self, a: str, b: str) -> bool:
+        """True when two entries are the same bytes (the tied lm_head of a saved Qwen2ForCausalLM)."""
+        ta, tb = self.tensor(a), self.tensor(b)
+        return (ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr()
+                and ta.storage_offset() == tb.storage_offset()
+                and ta.shape == tb.shape and ta.stride() == tb.stride() and ta.dtype == tb.dtype)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None):
+        t = self.tensor(name)
+        start, stop = row_range(self.info(name), name, start, stop, self.path)
+        part = t[start:stop] if t.dim() else t
+        out = part.clone(memory_format=__import__("torch").contiguous_format)
+        if self._mapped and part.is_contiguous():
+            self._release(part)
+        return out
+
+    @staticmethod
+    def _release(part) -> None:
+        """Drop the copied pages from our resident set; they stay in the page cache (MAP_PRIVATE, never written)."""
+        begin = part.data_ptr()
+        end = begin + part.numel() * part.element_size()
+        begin -= begin % _PAGE
+        end += -end % _PAGE
+        if end > begin:
+            _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # MADV_DONTNEED
+
+    def close(self) -> None:
+        self._tensors = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+_STORAGE_CLASS = {"F32": "FloatStorage", "F64": "DoubleStorage", "F16": "HalfStorage", "BF16": "BFloat16Storage",
+                  "I64": "LongStorage", "I32": "IntStorage", "I16": "ShortStorage", "I8": "CharStorage",
+                  "U8": "ByteStorage", "BOOL": "BoolStorage"}
+ALIGN = 64  # torch.save aligns every storage record to 64 bytes (.storage_alignment)
+
+
+class _Storage:
+    def __init__(self, key: str, dtype: str, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, tuple(shape)
+
+    def __reduce_ex__(self, protocol):
+        import torch
+
+        stride, acc = [], 1
+        for d in reversed(self.shape):
+            stride.append(acc)
+            acc *= d
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, self.shape, tuple(reversed(stride)), False, OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            import torch
+
+            return ("storage", getattr(torch, _STORAGE_CLASS[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+def _aligned_info(zf: zipfile.ZipFile, name: str, zip64: bool) -> zipfile.ZipInfo:
+    """A stored-record header whose data starts on a 64-byte boundary (padding in an extra field, as torch does)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    start = zf.fp.tell() + 30 + len(name.encode()) + (20 if zip64 else 0) + 4
+    info.extra = struct.pack("<HH", 0x4246, -start % ALIGN) + b"Z" * (-start % ALIGN)
+    return info
+
+
+def write_pt(f, entries: list[tuple[str, str, tuple[int, ...], str | None]],
+             chunks: Callable[[str], Iterable], archive: str = "archive") -> int:
+    """Stream a dict name → tensor into an open binary file in torch.save's format.
+
+    entries: (name, dtype, shape, alias_of); an alias shares the storage of the named entry, as a tied
+    lm_head does. chunks(name) yields torch tensors whose bytes, concatenated, are the tensor's data.
+    """
+    import torch
+
+    storages: dict[str, _Storage] = {}
+    refs = {}
+    for name, dtype, shape, alias in entries:
+        if alias is not None:
+            refs[name] = _Tensor(storages[alias], shape)
+            continue
+        numel = nbytes(dtype, shape) // nbytes(dtype, ())
+        storages[name] = _Storage(str(len(storages)), dtype, numel)
+        refs[name] = _Tensor(storages[name], shape)
+    pkl = _pickle_dict(refs)
+    written = 0
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.writestr(_aligned_info(zf, f"{archive}/data.pkl", False), pkl)
+        for rec, data in ((".format_version", b"1"), (".storage_alignment", str(ALIGN).encode()),
+                          ("byteorder", b"little")):
+            zf.writestr(_aligned_info(zf, f"{archive}/{rec}", False), data)
+        for name, dtype, shape, alias in entries:
+            if alias is not None:
+                continue
+            size = nbytes(dtype, shape)
+            info = _aligned_info(zf, f"{archive}/data/{storages[name].key}", True)
+            got = 0
+            with zf.open(info, "w", force_zip64=True) as w:
+                for chunk in chunks(name):
+                    data = memoryview(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
+                    w.write(data)
+                    got += len(data)
+            if got != size:  # a plan bug, never user input: stop before a wrong file is finished
+                raise AssertionError(f"{name}: wrote {got} bytes, expected {size}")
+            written += got
+        zf.writestr(_aligned_info(zf, f"{archive}/version", False), b"3\n")
+    return written
+
+
+def _pickle_dict(refs: dict) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(refs)
+    return buf.getvalue()
