@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml Makefile
 
 $(TF4_STAMP): Makefile
 	rm -rf $(TF4)
-	$(BIN)/python -m pip install -q --no-deps --target $(TF4) transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.0
+	# huggingface-hub 0.x imports requests (1.x moved to httpx), which the main venv does not carry
+	$(BIN)/python -m pip install -q --no-deps --target $(TF4) transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.0 \
+		requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 charset-normalizer==3.5.3
 	touch $@
 
 setup: $(STAMP) $(TF4_STAMP)

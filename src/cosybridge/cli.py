@@ -1,0 +1,154 @@
+"""The command line. Imports only argparse at start-up: torch and friends load inside each command.
+
+Exit codes: 0 success, 1 bad input or a failed check (one line on stderr), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("cosybridge")
+
+DTYPES = ("keep", "bf16", "fp16", "fp32")
+FAMILY_CHOICES = ("auto", "cosyvoice2", "cosyvoice3")
+
+
+class _Progress:
+    """A byte progress bar (tqdm) on a terminal, nothing otherwise."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled, self.label, self.bar = enabled, label, None
+
+    def start(self, total: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.label,
+                            file=sys.stderr, leave=False, mininterval=0.5, delay=1.0)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _progress(args, label: str) -> _Progress:
+    return _Progress(not args.quiet and sys.stderr.isatty(), label)
+
+
+def _cmd_to_hf(args) -> int:
+    from .convert import to_hf
+
+    report = to_hf(args.model_dir, args.output, dtype=args.dtype, family=args.family,
+                   max_shard_size=args.max_shard_size, force=args.force, progress=_progress(args, "to-hf"))
+    log.warning(report.summary())
+    return 0
+
+
+def _cmd_to_pt(args) -> int:
+    from .convert import to_pt
+
+    report = to_pt(args.hf_dirs[0], args.output, dtype=args.dtype, base=args.base, family=args.family,
+                   force=args.force, progress=_progress(args, "to-pt"))
+    log.warning(report.summary())
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cosybridge",
+        description="Exact, streaming conversion of CosyVoice2/3 speech-LLM checkpoints: "
+                    "llm.pt <-> Hugging Face <-> vLLM.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the summary")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp, *, dtype_default="keep"):
+        sp.add_argument("--dtype", choices=DTYPES, default=dtype_default,
+                        help=f"output precision (default {dtype_default}: the source's own)")
+        sp.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
+                        help="model family (default: detected from yaml, keys and tokenizer)")
+        sp.add_argument("--force", action="store_true", help="replace an existing output")
+
+    sp = sub.add_parser("to-hf", help="CosyVoice model dir (llm.pt) → merged Hugging Face dir",
+                        description="Convert a CosyVoice model directory (llm.pt, cosyvoice2/3.yaml, "
+                                    "CosyVoice-BlankEN/) to the merged Hugging Face layout.")
+    sp.add_argument("model_dir", nargs="?", metavar="MODEL_DIR")
+    sp.add_argument("--pretrained-cosyvoice2-path", dest="model_dir_alias", metavar="MODEL_DIR",
+                    help="alias of MODEL_DIR (upstream pretrained_to_huggingface.py)")
+    sp.add_argument("-o", "--output", "--save-path", dest="output", metavar="OUT_DIR", required=True)
+    sp.add_argument("--max-shard-size", default="5GB", help="split weights into shards (default 5GB)")
+    common(sp)
+    sp.set_defaults(func=_cmd_to_hf)
+
+    sp = sub.add_parser("to-pt", help="merged Hugging Face dir → CosyVoice llm.pt",
+                        description="Convert a merged Hugging Face directory back to CosyVoice's llm.pt.")
+    sp.add_argument("hf_dirs", nargs="*", metavar="HF_DIR")
+    sp.add_argument("--hf-cosyvoice2-llm-path", dest="hf_dir_alias", metavar="HF_DIR",
+                    help="alias of HF_DIR (upstream huggingface_to_pretrained.py)")
+    sp.add_argument("-o", "--output", "--output-path", dest="output", metavar="OUT", required=True)
+    sp.add_argument("--base", metavar="MODEL_DIR",
+                    help="original CosyVoice model dir: rows the HF layout cannot hold come from it")
+    common(sp)
+    sp.set_defaults(func=_cmd_to_pt)
+
+    sp = sub.add_parser("demo", help="convert a small embedded model both ways and check it")
+    sp.add_argument("--keep", metavar="DIR", help="keep the demo's files in DIR")
+    sp.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _normalise(p: argparse.ArgumentParser, args) -> None:
+    if args.command == "to-hf":
+        if bool(args.model_dir) == bool(args.model_dir_alias):
+            p.error("to-hf needs exactly one MODEL_DIR (or --pretrained-cosyvoice2-path)")
+        args.model_dir = args.model_dir or args.model_dir_alias
+    if args.command == "to-pt":
+        if args.hf_dir_alias:
+            args.hf_dirs.append(args.hf_dir_alias)
+        if not args.hf_dirs:
+            p.error("to-pt needs an HF_DIR (or --hf-cosyvoice2-llm-path)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    _normalise(p, args)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="cosybridge: %(message)s", stream=sys.stderr, force=True)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("cosybridge: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, traceback with --debug
+        from .errors import CheckpointError
+
+        if args.debug:
+            raise
+        if isinstance(e, CheckpointError):
+            print(f"cosybridge: error: {e}", file=sys.stderr)
+        elif isinstance(e, OSError):
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"cosybridge: error: {e.strerror or e}{where}; no output was left behind", file=sys.stderr)
+        else:
+            print(f"cosybridge: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)",
+                  file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The conversions: read headers, plan, validate, then stream one tensor at a time into an atomic output."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from .errors import CheckpointError
+from .families import CHAT_TEMPLATE, FAMILIES, Family, TokenLayout
+from .hfdir import CV3_METADATA, META_KEY, SIDECAR, default_base_rows, fingerprint, read_hf_dir
+from .io.atomic import atomic_dir, atomic_file, check_output
+from .io.dtypes import CLI_DTYPES, describe_cast
+from .io.pt_io import PtFile, write_pt
+from .io.safetensors_io import SafetensorsFile, write_safetensors
+from .io.sharded import INDEX, HFWeights, parse_size, plan_shards
+from .io.source import CombinedSource
+from .keyset import compare_keys, expected_pt_shapes
+from .modeldir import read_model_dir
+from .plan import DECODER_B, PT_EMBED, PT_HEAD, Plan, plan_to_hf, plan_to_pt
+from .stream import tensor_chunks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    direction: str
+    source: str
+    output: str
+    family: str
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    layout: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        mb = self.bytes / 1e6
+        rate = mb / self.seconds if self.seconds else 0.0
+        return (f"{self.direction} {self.family}: {self.tensors} tensors, {mb:,.1f} MB in {self.seconds:.2f} s "
+                f"({rate:,.0f} MB/s) → {self.output}")
+
+
+class _NoProgress:
+    def start(self, total: int) -> None: ...
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _target_dtype(dtype: str) -> str | None:
+    if dtype in (None, "keep"):
+        return None
+    if dtype not in CLI_DTYPES:
+        raise CheckpointError(f"unknown --dtype {dtype!r}; use keep, bf16, fp16 or fp32")
+    return CLI_DTYPES[dtype]
+
+
+def _note(report: Report, msg: str) -> None:
+    report.notes.append(msg)
+    log.info(msg)
+
+
+def _log_casts(report: Report, plan: Plan, infos: dict, target: str | None) -> None:
+    if target is None:
+        return
+    casts: dict[str, int] = {}
+    for t in plan.tensors:
+        for p in t.pieces:
+            src = getattr(p, "source", None)
+            if src in infos and infos[src].dtype != t.dtype:
+                casts[infos[src].dtype] = casts.get(infos[src].dtype, 0) + 1
+                break
+    for src, n in sorted(casts.items()):
+        _note(report, f"--dtype: {n} tensors cast {describe_cast(src, target)}")
+
+
+def _chunks(source, plan: Plan, progress):
+    by_name = {t.name: t for t in plan.tensors}
+
+    def chunks(name):
+        for chunk in tensor_chunks(source, by_name[name]):
+            progress.update(chunk.numel() * chunk.element_size())
+            yield chunk
+    return chunks
+
+
+def _plan_bytes(plan: Plan) -> int:
+    from .io.dtypes import nbytes
+    return sum(nbytes(t.dtype, t.shape) for t in plan.tensors if t.alias_of is None)
+
+
+# ---- llm.pt → Hugging Face ---------------------------------------------------------------------------
+
+def read_native(model_dir: str, family: str = "auto"):
+    """Open a CosyVoice model directory's llm.pt and check it against the yaml and BlankEN config."""
+    md = read_model_dir(model_dir)
+    if family not in ("auto", md.family.name):
+        raise CheckpointError(f"{md.yaml_path} is {md.family.name}, but --family {family} was given")
+    pt = PtFile(md.llm_pt)
+    infos = {n: pt.info(n) for n in pt.names()}
+    report = compare_keys({n: i.shape for n, i in infos.items()},
+                          expected_pt_shapes(md.family, md.qwen_config, md.llm.speech_token_size))
+    if not report.ok:
+        other = [f for f in FAMILIES.values() if f is not md.family and compare_keys(
+            {n: i.shape for n, i in infos.items()},
+            expected_pt_shapes(f, md.qwen_config, md.llm.speech_token_size)).ok]
+        hint = (f"; llm.pt is a {other[0].name} checkpoint but {os.path.basename(md.yaml_path)} names "
+                f"{md.llm.lm_class}" if other else "")
+        pt.close()
+        raise CheckpointError(f"{md.llm_pt} does not match {os.path.basename(md.yaml_path)} + "
+                              f"CosyVoice-BlankEN/config.json{hint}: " + "; ".join(report.lines(4)))
+    return md, pt, infos
+
+
+def _lm_head_tied(pt: PtFile) -> bool:
+    if pt.shares_storage(PT_EMBED, PT_HEAD):
+        return True
+    import torch
+    rows = pt.info(PT_EMBED).rows
+    step = 8192
+    return all(torch.equal(pt.read(PT_EMBED, a, min(a + step, rows)), pt.read(PT_HEAD, a, min(a + step, rows)))
+               for a in range(0, rows, step))
+
+
+def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "auto",
+          max_shard_size: str | int = "5GB", force: bool = False, progress=None) -> Report:
+    """CosyVoice model directory → merged Hugging Face directory (+ sidecar for an exact way back)."""
+    from .tokens import write_hf_tokenizer, speech_offset
+
+    t0 = time.perf_counter()
+    progress = progress or _NoProgress()
+    target = _target_dtype(dtype)
+    shard_limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    check_output(out_dir, [model_dir], force)
+    md, pt, infos = read_native(model_dir, family)
+    with pt:
+        fam: Family = md.family
+        layout = TokenLayout(fam, speech_offset(md.blanken, fam), infos[PT_EMBED].rows, md.llm.speech_token_size)
+        report = Report("to-hf", model_dir, out_dir, fam.name, layout=layout.as_dict())
+        for n in pt.notes:
+            _note(report, f"{md.llm_pt}: {n}")
+        tied = _lm_head_tied(pt)
+        model, side = plan_to_hf(infos, layout, dtype=target, lm_head_tied=tied)
+        for n in model.notes:
+            _note(report, n)
+        _log_casts(report, model, infos, target)
+        shards = plan_shards([(t.name, _plan_tensor_bytes(t)) for t in model.tensors], shard_limit)
+        progress.start(_plan_bytes(model) + _plan_bytes(side))
+        chunks = _chunks(pt, model, progress)
+        out_dtype = model.tensors[0].dtype
+        with atomic_dir(out_dir) as tmp:
+            for fname, names in shards.files.items():
+                entries = [(t.name, t.dtype, t.shape) for t in model.tensors if t.name in set(names)]
+                with open(os.path.join(tmp, fname), "wb") as f:
+                    report.bytes += write_safetensors(f, entries, {"format": "pt"}, chunks)
+            if shards.index:
+                _write_json(os.path.join(tmp, INDEX), shards.index)
+            with HFWeights(tmp) as written:
+                fp = fingerprint(written)
+            if side.tensors:
+                meta = {"cosybridge": "sidecar", "version": "1", "family": fam.name,
+                        "base_vocab_size": str(layout.base_rows), "speech_token_offset": str(layout.speech_offset),
+                        "lm_head": "tied" if tied else "untied", "model_fingerprint": fp}
+                with open(os.path.join(tmp, SIDECAR), "wb") as f:
+                    report.bytes += write_safetensors(f, [(t.name, t.dtype, t.shape) for t in side.tensors], meta,
+                                                      _chunks(pt, side, progress))
+            _write_json(os.path.join(tmp, "config.json"), _hf_config(md.qwen_config, layout, out_dtype,
+                                                                     DECODER_B in infos))
+            _write_json(os.path.join(tmp, "generation_config.json"), _generation_config(md.qwen_config, layout))
+            write_hf_tokenizer(md.blanken, tmp, fam, layout.speech_token_size)
+            if fam.name == "cosyvoice3":
+                _write_json(os.path.join(tmp, CV3_METADATA), _cv3_metadata(layout, out_dtype))
+        report.tensors = len(model.tensors) + len(side.tensors)
+    progress.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _plan_tensor_bytes(t) -> int:
+    from .io.dtypes import nbytes
+    return nbytes(t.dtype, t.shape)
+
+
+_TORCH_DTYPE_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def _hf_config(qwen: dict, layout: TokenLayout, dtype: str, bias: bool) -> dict:
+    config = {k: v for k, v in qwen.items() if k not in ("_name_or_path", "transformers_version")}
+    config.update({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "vocab_size": layout.vocab_size, "tie_word_embeddings": False,
+        "eos_token_id": layout.eos_ids[0],
+        "torch_dtype": _TORCH_DTYPE_NAME.get(dtype, "float32"),
+        META_KEY: {**layout.as_dict(), "lm_head_bias": bias},
+    })
+    if bias:
+        config["use_bias"] = True  # what upstream records; transformers and vLLM still ignore lm_head.bias
+    return config
+
+
+def _generation_config(qwen: dict, layout: TokenLayout) -> dict:
+    return {"do_sample": True, "eos_token_id": layout.eos_ids,
+            "pad_token_id": qwen.get("pad_token_id", qwen.get("eos_token_id")),
+            **layout.family.generation}
+
+
+def _cv3_metadata(layout: TokenLayout, dtype: str) -> dict:
+    """The keys upstream's convert_cosyvoice3_to_hf.py writes, so TRT-LLM runtimes read ours unchanged."""
+    return {"original_vocab_size": None, "text_vocab_size": layout.speech_offset,
+            "base_speech_token_size": layout.speech_token_size, "embedding_size": layout.speech_rows,
+            "padded_vocab_size": layout.vocab_size, "eos_token_id": layout.hf_id(("speech", 1)),
+            "speech_token_offset": layout.speech_offset, "dtype": _TORCH_DTYPE_NAME.get(dtype, "float32")}
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# ---- Hugging Face → llm.pt ---------------------------------------------------------------------------
+
+def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None = None, family: str = "auto",
+          force: bool = False, progress=None) -> Report:
+    """Merged Hugging Face directory → CosyVoice llm.pt, bit-identical to the original when the sidecar
+    (or --base) supplies the rows the HF layout cannot hold."""
+    t0 = time.perf_counter()
+    progress = progress or _NoProgress()
+    target = _target_dtype(dtype)
+    check_output(out_path, [hf_dir] + ([base] if base else []), force)
+    hd = read_hf_dir(hf_dir, None if family == "auto" else family)
+    report = Report("to-pt", hf_dir, out_path, hd.family.name)
+    weights = HFWeights(hf_dir)
+    sidecar = base_pt = None
+    try:
+        side_infos, side_tied, base_infos, base_tied = {}, True, {}, True
+        base_rows, why = hd.recorded_base_rows()
+        if hd.sidecar:
+            sidecar = SafetensorsFile(hd.sidecar)
+            side_infos = {n: sidecar.info(n) for n in sidecar.names()}
+            side_tied = sidecar.metadata.get("lm_head", "tied") == "tied"
+            recorded = int(sidecar.metadata.get("base_vocab_size", 0)) or None
+            if base_rows and recorded and recorded != base_rows:
+                raise CheckpointError(f"{hd.sidecar}: base_vocab_size {recorded} disagrees with config.json ({base_rows})")
+            base_rows, why = recorded or base_rows, why or "the sidecar"
+            if sidecar.metadata.get("model_fingerprint") not in (None, fingerprint(weights)):
+                _note(report, f"{hd.sidecar} was written for other weights (the model was trained since): "
+                              "it still holds the original's rows the HF layout cannot carry, and they are used")
+        if base:
+            md = read_model_dir(base)
+            if md.family is not hd.family:
+                raise CheckpointError(f"--base {base} is {md.family.name} but {hf_dir} is {hd.family.name}")
+            base_pt = PtFile(md.llm_pt)
+            base_infos = {n: base_pt.info(n) for n in base_pt.names()}
+            if PT_EMBED not in base_infos:
+                raise CheckpointError(f"{md.llm_pt}: no {PT_EMBED}")
+            base_tied = _lm_head_tied(base_pt) if PT_HEAD in base_infos else True
+            if not base_rows:
+                base_rows, why = base_infos[PT_EMBED].rows, f"--base {base}"
+            elif base_rows != base_infos[PT_EMBED].rows:
+                raise CheckpointError(f"--base {base} has {base_infos[PT_EMBED].rows} embedding rows but {why} "
+                                      f"records {base_rows}")
+        if not base_rows:
+            base_rows, why = default_base_rows()
+            _note(report, f"original embedding rows: {why}")
+        layout = hd.layout(base_rows)
+        report.layout = layout.as_dict()
+        hf_infos = {n: weights.info(n) for n in weights.names()}
+        plan = plan_to_pt(hf_infos, layout, dtype=target, sidecar=side_infos, sidecar_tied=side_tied,
+                          base=base_infos, base_tied=base_tied)
+        for n in plan.notes:
+            _note(report, n)
+        _log_casts(report, plan, {**hf_infos, **side_infos, **base_infos}, target)
+        source = CombinedSource(weights, sidecar, base_pt)
+        progress.start(_plan_bytes(plan))
+        with atomic_file(out_path) as f:
+            report.bytes = write_pt(f, [(t.name, t.dtype, t.shape, t.alias_of) for t in plan.tensors],
+                                    _chunks(source, plan, progress))
+        report.tensors = len(plan.tensors)
+    finally:
+        for s in (weights, sidecar, base_pt):
+            if s is not None:
+                s.close()
+        progress.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+__all__ = ["Report", "to_hf", "to_pt", "read_native", "CHAT_TEMPLATE"]
