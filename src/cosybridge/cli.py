@@ -59,6 +59,15 @@ def _cmd_to_pt(args) -> int:
     return 0
 
 
+def _cmd_to_vllm(args) -> int:
+    from .vllm_export import to_vllm
+
+    report = to_vllm(args.model_dir, args.output, dtype=args.dtype, family=args.family,
+                     max_shard_size=args.max_shard_size, force=args.force, progress=_progress(args, "to-vllm"))
+    log.warning(report.summary())
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -102,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="original CosyVoice model dir: rows the HF layout cannot hold come from it")
     common(sp)
     sp.set_defaults(func=_cmd_to_pt)
+
+    sp = sub.add_parser("to-vllm", help="CosyVoice model dir → speech-only export for vLLM",
+                        description="Write the speech-only Hugging Face model CosyVoice serves with vLLM "
+                                    "(embed_tokens = speech_embedding, lm_head = llm_decoder), recording a "
+                                    "fingerprint of llm.pt so a stale export can be detected.")
+    sp.add_argument("model_dir", metavar="MODEL_DIR")
+    sp.add_argument("-o", "--output", metavar="OUT_DIR", help="default: MODEL_DIR/vllm, where CosyVoice looks")
+    sp.add_argument("--max-shard-size", default="5GB", help="split weights into shards (default 5GB)")
+    common(sp, dtype_default="bf16")
+    sp.set_defaults(func=_cmd_to_vllm)
 
     sp = sub.add_parser("demo", help="convert a small embedded model both ways and check it")
     sp.add_argument("--keep", metavar="DIR", help="keep the demo's files in DIR")

@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import CheckpointError
-from .families import CHAT_TEMPLATE, FAMILIES, Family, TokenLayout
+from .families import FAMILIES, Family, TokenLayout
 from .hfdir import CV3_METADATA, META_KEY, SIDECAR, default_base_rows, fingerprint, read_hf_dir
 from .io.atomic import atomic_dir, atomic_file, check_output
-from .io.dtypes import CLI_DTYPES, describe_cast
+from .io.dtypes import CLI_DTYPES, describe_cast, torch_name
 from .io.pt_io import PtFile, write_pt
 from .io.safetensors_io import SafetensorsFile, write_safetensors
 from .io.sharded import INDEX, HFWeights, parse_size, plan_shards
@@ -133,9 +133,9 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
     progress = progress or _NoProgress()
     target = _target_dtype(dtype)
     shard_limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
-    check_output(out_dir, [model_dir], force)
     md, pt, infos = read_native(model_dir, family)
     with pt:
+        check_output(out_dir, md.inputs, force)
         fam: Family = md.family
         layout = TokenLayout(fam, speech_offset(md.blanken, fam), infos[PT_EMBED].rows, md.llm.speech_token_size)
         report = Report("to-hf", model_dir, out_dir, fam.name, layout=layout.as_dict())
@@ -146,17 +146,10 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
         for n in model.notes:
             _note(report, n)
         _log_casts(report, model, infos, target)
-        shards = plan_shards([(t.name, _plan_tensor_bytes(t)) for t in model.tensors], shard_limit)
         progress.start(_plan_bytes(model) + _plan_bytes(side))
-        chunks = _chunks(pt, model, progress)
         out_dtype = model.tensors[0].dtype
         with atomic_dir(out_dir) as tmp:
-            for fname, names in shards.files.items():
-                entries = [(t.name, t.dtype, t.shape) for t in model.tensors if t.name in set(names)]
-                with open(os.path.join(tmp, fname), "wb") as f:
-                    report.bytes += write_safetensors(f, entries, {"format": "pt"}, chunks)
-            if shards.index:
-                _write_json(os.path.join(tmp, INDEX), shards.index)
+            report.bytes += write_hf_weights(tmp, model, pt, progress, shard_limit)
             with HFWeights(tmp) as written:
                 fp = fingerprint(written)
             if side.tensors:
@@ -178,12 +171,21 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
     return report
 
 
-def _plan_tensor_bytes(t) -> int:
+def write_hf_weights(directory: str, plan: Plan, source, progress, shard_limit: int) -> int:
+    """model.safetensors, or shards + model.safetensors.index.json when over shard_limit."""
     from .io.dtypes import nbytes
-    return nbytes(t.dtype, t.shape)
 
-
-_TORCH_DTYPE_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+    shards = plan_shards([(t.name, nbytes(t.dtype, t.shape)) for t in plan.tensors], shard_limit)
+    chunks = _chunks(source, plan, progress)
+    written = 0
+    for fname, names in shards.files.items():
+        wanted = set(names)
+        entries = [(t.name, t.dtype, t.shape) for t in plan.tensors if t.name in wanted]
+        with open(os.path.join(directory, fname), "wb") as f:
+            written += write_safetensors(f, entries, {"format": "pt"}, chunks)
+    if shards.index:
+        _write_json(os.path.join(directory, INDEX), shards.index)
+    return written
 
 
 def _hf_config(qwen: dict, layout: TokenLayout, dtype: str, bias: bool) -> dict:
@@ -192,7 +194,7 @@ def _hf_config(qwen: dict, layout: TokenLayout, dtype: str, bias: bool) -> dict:
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "vocab_size": layout.vocab_size, "tie_word_embeddings": False,
         "eos_token_id": layout.eos_ids[0],
-        "torch_dtype": _TORCH_DTYPE_NAME.get(dtype, "float32"),
+        "torch_dtype": torch_name(dtype),
         META_KEY: {**layout.as_dict(), "lm_head_bias": bias},
     })
     if bias:
@@ -211,7 +213,7 @@ def _cv3_metadata(layout: TokenLayout, dtype: str) -> dict:
     return {"original_vocab_size": None, "text_vocab_size": layout.speech_offset,
             "base_speech_token_size": layout.speech_token_size, "embedding_size": layout.speech_rows,
             "padded_vocab_size": layout.vocab_size, "eos_token_id": layout.hf_id(("speech", 1)),
-            "speech_token_offset": layout.speech_offset, "dtype": _TORCH_DTYPE_NAME.get(dtype, "float32")}
+            "speech_token_offset": layout.speech_offset, "dtype": torch_name(dtype)}
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -288,4 +290,4 @@ def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None =
     return report
 
 
-__all__ = ["Report", "to_hf", "to_pt", "read_native", "CHAT_TEMPLATE"]
+__all__ = ["Report", "to_hf", "to_pt", "read_native"]

@@ -124,6 +124,11 @@ class ModelDir:
     def family(self) -> Family:
         return self.llm.family
 
+    @property
+    def inputs(self) -> list[str]:
+        """The files a conversion reads: an output may sit beside them (MODEL_DIR/hf_merged) but never on them."""
+        return [self.llm_pt, self.yaml_path, self.blanken]
+
 
 def read_model_dir(path: str) -> ModelDir:
     """Find and read the pieces of a CosyVoice model directory; every missing piece is named."""

@@ -22,6 +22,11 @@ _TORCH_NAMES = {
 _FROM_TORCH = {v: k for k, v in _TORCH_NAMES.items()}
 
 
+def torch_name(dtype: str) -> str:
+    """The name config.json's torch_dtype uses ("bfloat16")."""
+    return _TORCH_NAMES[dtype]
+
+
 def to_torch(dtype: str):
     import torch
 
