@@ -193,7 +193,7 @@ def _hf_config(qwen: dict, layout: TokenLayout, dtype: str, bias: bool) -> dict:
     config.update({
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "vocab_size": layout.vocab_size, "tie_word_embeddings": False,
-        "eos_token_id": layout.eos_ids[0],
+        "eos_token_id": layout.eos_id,
         "torch_dtype": torch_name(dtype),
         META_KEY: {**layout.as_dict(), "lm_head_bias": bias},
     })
@@ -212,7 +212,7 @@ def _cv3_metadata(layout: TokenLayout, dtype: str) -> dict:
     """The keys upstream's convert_cosyvoice3_to_hf.py writes, so TRT-LLM runtimes read ours unchanged."""
     return {"original_vocab_size": None, "text_vocab_size": layout.speech_offset,
             "base_speech_token_size": layout.speech_token_size, "embedding_size": layout.speech_rows,
-            "padded_vocab_size": layout.vocab_size, "eos_token_id": layout.hf_id(("speech", 1)),
+            "padded_vocab_size": layout.vocab_size, "eos_token_id": layout.eos_id,
             "speech_token_offset": layout.speech_offset, "dtype": torch_name(dtype)}
 
 

@@ -80,6 +80,7 @@ class Family:
     extra_names: tuple[str, ...]  # tokens for the llm_embedding rows appended after the speech rows
     sos: tuple[str, int]          # where sos lives: ("llm_embedding", row) or ("speech", offset past size)
     task_id: tuple[str, int]
+    eos: tuple[str, int]          # the end-of-speech token CosyVoice trains on (config.json eos_token_id)
     stop_count: int               # CosyVoice stops on speech ids size .. size + stop_count - 1
     lm_head_text_rows: str        # "zero": upstream zeroes them (bias -inf); "copy": copied from lm_head
     generation: dict = field(default_factory=dict)
@@ -123,6 +124,7 @@ COSYVOICE2 = Family(
     extra_names=("<|sos|>", "<|task_id|>"),
     sos=("llm_embedding", 0),
     task_id=("llm_embedding", 1),
+    eos=("speech", 0),  # Qwen2LM.eos_token = speech_token_size
     stop_count=3,
     lm_head_text_rows="zero",
     # upstream pretrained_to_huggingface.py; the yaml's ras_sampling uses top_p 0.8, top_k 25.
@@ -142,6 +144,7 @@ COSYVOICE3 = Family(
     extra_names=(),
     sos=("speech", 0),
     task_id=("speech", 2),
+    eos=("speech", 1),  # CosyVoice3LM.eos_token = speech_token_size + 1
     stop_count=200,  # CosyVoice3LM.stop_token_ids = speech_token_size + range(200)
     lm_head_text_rows="copy",
     generation={"temperature": 0.8, "top_p": 0.95, "top_k": 25, "repetition_penalty": 1.1,
@@ -198,7 +201,12 @@ class TokenLayout:
         return self.hf_id(self.family.task_id)
 
     @property
+    def eos_id(self) -> int:
+        return self.hf_id(self.family.eos)
+
+    @property
     def eos_ids(self) -> list[int]:
+        """Every id CosyVoice stops on (generation_config.eos_token_id)."""
         return [self.speech_offset + i for i in self.family.stop_ids(self.speech_token_size)]
 
     def as_dict(self) -> dict:
@@ -213,5 +221,6 @@ class TokenLayout:
             "vocab_size": self.vocab_size,
             "sos_id": self.sos_id,
             "task_id_id": self.task_id_id,
+            "eos_id": self.eos_id,
             "eos_ids": self.eos_ids,
         }
