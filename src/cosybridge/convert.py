@@ -18,6 +18,7 @@ from .io.sharded import INDEX, HFWeights, parse_size, plan_shards
 from .io.source import CombinedSource
 from .keyset import compare_keys, expected_pt_shapes
 from .modeldir import read_model_dir
+from .numerics import NonFiniteCheck
 from .plan import DECODER_B, PT_EMBED, PT_HEAD, Plan, plan_to_hf, plan_to_pt
 from .stream import tensor_chunks
 
@@ -35,6 +36,7 @@ class Report:
     seconds: float = 0.0
     layout: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    nonfinite: dict = field(default_factory=dict)   # output tensor → unexpected NaN/Inf counts
 
     def summary(self) -> str:
         mb = self.bytes / 1e6
@@ -76,14 +78,27 @@ def _log_casts(report: Report, plan: Plan, infos: dict, target: str | None) -> N
         _note(report, f"--dtype: {n} tensors cast {describe_cast(src, target)}")
 
 
-def _chunks(source, plan: Plan, progress):
+def _chunks(source, plan: Plan, progress, check=None):
     by_name = {t.name: t for t in plan.tensors}
 
     def chunks(name):
-        for chunk in tensor_chunks(source, by_name[name]):
+        out = by_name[name]
+        for chunk in tensor_chunks(source, out):
             progress.update(chunk.numel() * chunk.element_size())
+            if check is not None:
+                check.chunk(out, chunk)
             yield chunk
+        if check is not None:
+            check.done(out)  # under --strict this raises while the output is still a temporary file
     return chunks
+
+
+def _report_nonfinite(report: Report, check) -> None:
+    line = check.summary()
+    if line:
+        report.nonfinite = check.as_dict()
+        report.notes.append(line)
+        log.warning(line)
 
 
 def _plan_bytes(plan: Plan) -> int:
@@ -125,8 +140,9 @@ def _lm_head_tied(pt: PtFile) -> bool:
 
 
 def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "auto",
-          max_shard_size: str | int = "5GB", force: bool = False, progress=None) -> Report:
-    """CosyVoice model directory → merged Hugging Face directory (+ sidecar for an exact way back)."""
+          max_shard_size: str | int = "5GB", force: bool = False, progress=None, strict: bool = False) -> Report:
+    """CosyVoice model directory → merged Hugging Face directory (+ sidecar for an exact way back).
+    NaN/Inf in the weights are reported; `strict` refuses them."""
     from .tokens import write_hf_tokenizer, speech_offset
 
     t0 = time.perf_counter()
@@ -148,8 +164,9 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
         _log_casts(report, model, infos, target)
         progress.start(_plan_bytes(model) + _plan_bytes(side))
         out_dtype = model.tensors[0].dtype
+        check = NonFiniteCheck(strict)
         with atomic_dir(out_dir) as tmp:
-            report.bytes += write_hf_weights(tmp, model, pt, progress, shard_limit)
+            report.bytes += write_hf_weights(tmp, model, pt, progress, shard_limit, check)
             with HFWeights(tmp) as written:
                 fp = fingerprint(written)
             if side.tensors:
@@ -158,7 +175,7 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
                         "lm_head": "tied" if tied else "untied", "model_fingerprint": fp}
                 with open(os.path.join(tmp, SIDECAR), "wb") as f:
                     report.bytes += write_safetensors(f, [(t.name, t.dtype, t.shape) for t in side.tensors], meta,
-                                                      _chunks(pt, side, progress))
+                                                      _chunks(pt, side, progress, check))
             _write_json(os.path.join(tmp, "config.json"), _hf_config(md.qwen_config, layout, out_dtype,
                                                                      DECODER_B in infos))
             _write_json(os.path.join(tmp, "generation_config.json"), _generation_config(md.qwen_config, layout))
@@ -166,17 +183,18 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
             if fam.name == "cosyvoice3":
                 _write_json(os.path.join(tmp, CV3_METADATA), _cv3_metadata(layout, out_dtype))
         report.tensors = len(model.tensors) + len(side.tensors)
+    _report_nonfinite(report, check)
     progress.close()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def write_hf_weights(directory: str, plan: Plan, source, progress, shard_limit: int) -> int:
+def write_hf_weights(directory: str, plan: Plan, source, progress, shard_limit: int, check=None) -> int:
     """model.safetensors, or shards + model.safetensors.index.json when over shard_limit."""
     from .io.dtypes import nbytes
 
     shards = plan_shards([(t.name, nbytes(t.dtype, t.shape)) for t in plan.tensors], shard_limit)
-    chunks = _chunks(source, plan, progress)
+    chunks = _chunks(source, plan, progress, check)
     written = 0
     for fname, names in shards.files.items():
         wanted = set(names)
@@ -225,13 +243,15 @@ def _write_json(path: str, data: dict) -> None:
 # ---- Hugging Face → llm.pt ---------------------------------------------------------------------------
 
 def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None = None, family: str = "auto",
-          force: bool = False, progress=None) -> Report:
+          force: bool = False, progress=None, strict: bool = False) -> Report:
     """Merged Hugging Face directory → CosyVoice llm.pt, bit-identical to the original when the sidecar
-    (or --base) supplies the rows the HF layout cannot hold."""
+    (or --base) supplies the rows the HF layout cannot hold. NaN/Inf in the weights are reported; `strict`
+    refuses them."""
     t0 = time.perf_counter()
     progress = progress or _NoProgress()
     target = _target_dtype(dtype)
-    check_output(out_path, [hf_dir] + ([base] if base else []), force)
+    # an output may sit beside --base's files (install-into stages its llm.pt there) but never on them
+    check_output(out_path, [hf_dir] + (read_model_dir(base).inputs if base else []), force)
     hd = read_hf_dir(hf_dir, None if family == "auto" else family)
     report = Report("to-pt", hf_dir, out_path, hd.family.name)
     weights = HFWeights(hf_dir)
@@ -277,10 +297,12 @@ def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None =
         _log_casts(report, plan, {**hf_infos, **side_infos, **base_infos}, target)
         source = CombinedSource(weights, sidecar, base_pt)
         progress.start(_plan_bytes(plan))
+        check = NonFiniteCheck(strict)
         with atomic_file(out_path) as f:
             report.bytes = write_pt(f, [(t.name, t.dtype, t.shape, t.alias_of) for t in plan.tensors],
-                                    _chunks(source, plan, progress))
+                                    _chunks(source, plan, progress, check))
         report.tensors = len(plan.tensors)
+        _report_nonfinite(report, check)
     finally:
         for s in (weights, sidecar, base_pt):
             if s is not None:
