@@ -24,10 +24,10 @@ from tokenizers import AddedToken, Tokenizer
 from .errors import CheckpointError
 from .families import CHAT_TEMPLATE, FAMILIES, Family, TokenLayout
 from .io.atomic import atomic_file
+from .qwen_vocab import ENDOFTEXT
 
 logger = logging.getLogger(__name__)
 
-ENDOFTEXT = "<|endoftext|>"
 S0 = "<|s_0|>"
 # Qwen2's pre-tokenizer, as in Qwen2's tokenizer.json and transformers' Qwen2 tokenizer (PRETOKENIZE_REGEX)
 QWEN2_SPLIT_REGEX = (
@@ -215,12 +215,13 @@ def _hf_config_files(tokenizer: Tokenizer, family: Family, blanken_config: dict)
         "clean_up_tokenization_spaces": False,
         "eos_token": ENDOFTEXT,
         "errors": "replace",
-        "model_max_length": blanken_config.get("model_max_length", 32768),
         "pad_token": ENDOFTEXT,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
+    if "model_max_length" in blanken_config:  # as transformers carries it over; absent means unlimited
+        config["model_max_length"] = blanken_config["model_max_length"]
 
     def entry(content: str) -> dict:
         return {k: v for k, v in _token_entry(AddedToken(content, normalized=False)).items() if k != "special"}
@@ -233,19 +234,22 @@ def _hf_config_files(tokenizer: Tokenizer, family: Family, blanken_config: dict)
 def _check_layout(tokenizer: Tokenizer, family: Family, speech_token_size: int, where: Path) -> tuple[int, int]:
     """(speech_offset, tokenizer_len) of the merged tokenizer, after checking it against the family's TokenLayout."""
     ids = _added_ids(tokenizer)
-    _, offset, size = speech_layout_from_ids(ids, family)
+    fix = "use CosyVoice's BlankEN tokenizer directory, without speech tokens"
+    try:
+        _, offset, size = speech_layout_from_ids(ids, family)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: the merged tokenizer is not a {family.name} layout ({e}); {fix}") from None
     layout = TokenLayout(family, offset, base_rows=0, speech_token_size=speech_token_size)  # rows: not used here
     length = tokenizer.get_vocab_size(with_added_tokens=True)
-    fix = "use CosyVoice's BlankEN tokenizer directory, without speech tokens"
     if size != speech_token_size or length != layout.tokenizer_len:
         raise CheckpointError(f"{where}: the merged tokenizer has {length} tokens and {size} speech tokens, but the "
                               f"{family.name} layout expects {layout.tokenizer_len} and {speech_token_size}; {fix}")
     for name, expected in (("<|sos|>", [layout.sos_id]), ("<|task_id|>", [layout.task_id_id]),
                            ("<|eos1|>", layout.eos_ids)):
         if ids.get(name) not in expected:
+            want = str(expected[0]) if len(expected) == 1 else f"one of {expected[0]}..{expected[-1]}"
             raise CheckpointError(f"{where}: the merged tokenizer puts {name} at {ids.get(name)} but the "
-                                  f"{family.name} layout expects "
-                                  f"{expected[0] if len(expected) == 1 else f'one of {expected[0]}..{expected[-1]}'}; {fix}")
+                                  f"{family.name} layout expects {want}; {fix}")
     return offset, length
 
 
@@ -255,6 +259,9 @@ def write_hf_tokenizer(blanken_dir: str | Path, out_dir: str | Path, family: Fam
     Everything is built and checked in memory first; each file then appears complete or not at all.
     """
     blanken, out = Path(blanken_dir), Path(out_dir)
+    if out.resolve() == blanken.resolve():
+        raise CheckpointError(f"{out}: the output would overwrite the BlankEN tokenizer it is built from; "
+                              "choose another output directory")
     tokenizer = _add_family_tokens(base_tokenizer(blanken), family, speech_token_size)
     offset, length = _check_layout(tokenizer, family, speech_token_size, blanken)
     config_path = blanken / "tokenizer_config.json"
