@@ -290,5 +290,5 @@ def write_hf_tokenizer(blanken_dir: str | Path, out_dir: str | Path, family: Fam
                     shutil.copyfileobj(src, f)
             else:
                 f.write(data)
-    logger.info("tokenizer: %s, <|s_0|> at %d, %d tokens → %s", family.name, offset, length, out)
+    logger.debug("tokenizer: %s, <|s_0|> at %d, %d tokens → %s", family.name, offset, length, out)
     return {"speech_offset": offset, "tokenizer_len": length}
