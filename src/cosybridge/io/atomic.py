@@ -81,12 +81,6 @@ def check_output(path: str, inputs: list[str], force: bool) -> None:
         raise CheckpointError(f"{parent}: {why}; choose another output directory")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -16,6 +16,7 @@ import mmap
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from collections import OrderedDict
 from typing import Callable, Iterable
@@ -51,24 +52,28 @@ class PtFile:
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: no such file")
         try:
-            try:
-                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True), True
-            except RuntimeError as e:
-                if "mmap" not in str(e) and "zip" not in str(e).lower():
-                    raise
-                # legacy (pre-1.6) format cannot be mapped; still weights_only
-                return torch.load(self.path, map_location="cpu", weights_only=True), False
+            with warnings.catch_warnings():
+                # torch warns about pickle protocols before refusing; the refusal below is the one line we show
+                warnings.simplefilter("ignore")
+                try:
+                    return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True), True
+                except RuntimeError as e:
+                    if "mmap" not in str(e) and "zip" not in str(e).lower():
+                        raise
+                    # legacy (pre-1.6) format cannot be mapped; still weights_only
+                    return torch.load(self.path, map_location="cpu", weights_only=True), False
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            for line in str(e).splitlines():
-                if "Unsupported global" in line or "GLOBAL" in line:
-                    first = line.strip()
-                    break
             raise CheckpointError(f"{self.path}: refused to load: the pickle asks to run code or build objects "
-                                  f"that are not tensors ({first[:160]}); nothing from it was executed") from None
-        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
+                                  f"that are not tensors ({_unpickling_reason(e)}); nothing from it was executed; "
+                                  "use a checkpoint saved with torch.save(model.state_dict())") from None
+        except MemoryError:
+            raise CheckpointError(f"{self.path}: not a readable torch checkpoint (it asks for more memory than "
+                                  "there is); the file is corrupt") from None
+        except Exception as e:  # noqa: BLE001 - torch's parsers raise anything (IndexError, KeyError, ...) on bad bytes
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{self.path}: not a readable torch checkpoint ({msg[:160]})") from None
+            msg = msg.split(". This is an internal miniz error")[0]
+            raise CheckpointError(f"{self.path}: not a readable torch checkpoint ({msg[:160]}); the file is "
+                                  "truncated or corrupt: copy or download it again") from None
 
     def _unwrap(self, obj) -> dict:
         import torch
@@ -237,6 +242,18 @@ def write_pt(f, entries: list[tuple[str, str, tuple[int, ...], str | None]],
             written += got
         zf.writestr(_aligned_info(zf, f"{archive}/version", False), b"3\n")
     return written
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The informative line of torch's weights_only refusal (it also advises weights_only=False: not us)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line[:160]
+    for i, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1][:160]
+    return (lines[0] if lines else type(e).__name__)[:160]
 
 
 def _pickle_dict(refs: dict) -> bytes:

@@ -35,12 +35,14 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, tupl
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except CheckpointError as e:
         raise CheckpointError(f"{where}: safetensors header has a {e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, and ints over 4300 digits
         raise CheckpointError(f"{where}: safetensors header is not valid JSON ({type(e).__name__}); "
                               "the file is truncated or corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{where}: safetensors __metadata__ must map strings to strings")
     entries = {}

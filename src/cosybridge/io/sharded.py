@@ -43,16 +43,19 @@ class HFWeights:
         try:
             with open(index, encoding="utf-8") as fh:
                 weight_map = json.load(fh)["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            weight_map = None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object)")
+        bad = sorted({repr(v) for v in weight_map.values() if not isinstance(v, str) or not _SHARD_NAME.match(v)})
+        if bad:
+            raise CheckpointError(f"{index}: shard name {bad[0]} must be a plain *.safetensors file name")
         for shard in sorted(set(weight_map.values())):
-            if not isinstance(shard, str) or not _SHARD_NAME.match(shard):
-                raise CheckpointError(f"{index}: shard name {shard!r} must be a plain *.safetensors file name")
             path = os.path.join(self.path, shard)
             if not os.path.exists(path):
                 missing = sorted(k for k, v in weight_map.items() if v == shard)
-                raise CheckpointError(f"{index}: shard {shard} is missing ({len(missing)} tensors, e.g. {missing[0]})")
+                raise CheckpointError(f"{index}: shard {shard} is missing ({len(missing)} tensors, e.g. {missing[0]}); "
+                                      "copy or download every shard the index names")
             self.files[shard] = SafetensorsFile(path)
         for shard, f in self.files.items():
             listed = {k for k, v in weight_map.items() if v == shard}
