@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 log = logging.getLogger("cosybridge")
@@ -45,7 +46,8 @@ def _cmd_to_hf(args) -> int:
     from .convert import to_hf
 
     report = to_hf(args.model_dir, args.output, dtype=args.dtype, family=args.family,
-                   max_shard_size=args.max_shard_size, force=args.force, progress=_progress(args, "to-hf"))
+                   max_shard_size=args.max_shard_size, force=args.force, progress=_progress(args, "to-hf"),
+                   strict=args.strict)
     log.warning(report.summary())
     return 0
 
@@ -53,8 +55,15 @@ def _cmd_to_hf(args) -> int:
 def _cmd_to_pt(args) -> int:
     from .convert import to_pt
 
+    if args.install_into:
+        from .install import install_into
+
+        report = install_into(args.hf_dirs[0], args.install_into, dtype=args.dtype, base=args.base,
+                              family=args.family, progress=_progress(args, "to-pt"), strict=args.strict)
+        log.warning(report.summary())
+        return 0
     report = to_pt(args.hf_dirs[0], args.output, dtype=args.dtype, base=args.base, family=args.family,
-                   force=args.force, progress=_progress(args, "to-pt"))
+                   force=args.force, progress=_progress(args, "to-pt"), strict=args.strict)
     log.warning(report.summary())
     return 0
 
@@ -63,8 +72,19 @@ def _cmd_to_vllm(args) -> int:
     from .vllm_export import to_vllm
 
     report = to_vllm(args.model_dir, args.output, dtype=args.dtype, family=args.family,
-                     max_shard_size=args.max_shard_size, force=args.force, progress=_progress(args, "to-vllm"))
+                     max_shard_size=args.max_shard_size, force=args.force, progress=_progress(args, "to-vllm"),
+                     strict=args.strict)
     log.warning(report.summary())
+    return 0
+
+
+def _cmd_restore(args) -> int:
+    from .install import restore
+
+    done = restore(args.model_dir)
+    kept = f"; the llm.pt it replaced is kept as {done.replaced_kept_as}" if done.replaced_kept_as else ""
+    left = f"{len(done.backups_left)} older backup(s) left" if done.backups_left else "no older backups left"
+    log.warning(f"restored {done.llm_pt} from {done.restored_from}{kept} ({left})")
     return 0
 
 
@@ -89,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
                         help="model family (default: detected from yaml, keys and tokenizer)")
         sp.add_argument("--force", action="store_true", help="replace an existing output")
+        sp.add_argument("--strict", action="store_true",
+                        help="refuse weights with NaN or Inf (default: convert them and warn)")
 
     sp = sub.add_parser("to-hf", help="CosyVoice model dir (llm.pt) → merged Hugging Face dir",
                         description="Convert a CosyVoice model directory (llm.pt, cosyvoice2/3.yaml, "
@@ -106,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("hf_dirs", nargs="*", metavar="HF_DIR")
     sp.add_argument("--hf-cosyvoice2-llm-path", dest="hf_dir_alias", metavar="HF_DIR",
                     help="alias of HF_DIR (upstream huggingface_to_pretrained.py)")
-    sp.add_argument("-o", "--output", "--output-path", dest="output", metavar="OUT", required=True)
+    sp.add_argument("-o", "--output", "--output-path", dest="output", metavar="OUT")
+    sp.add_argument("--install-into", metavar="MODEL_DIR",
+                    help="instead of -o: check the result against MODEL_DIR's yaml and BlankEN config, keep the "
+                         "old llm.pt as llm.pt.bak-<time> and replace it atomically (undo: cosybridge restore)")
     sp.add_argument("--base", metavar="MODEL_DIR",
                     help="original CosyVoice model dir: rows the HF layout cannot hold come from it")
     common(sp)
@@ -121,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-shard-size", default="5GB", help="split weights into shards (default 5GB)")
     common(sp, dtype_default="bf16")
     sp.set_defaults(func=_cmd_to_vllm)
+
+    sp = sub.add_parser("restore", help="put back the llm.pt that to-pt --install-into replaced",
+                        description="Put the newest MODEL_DIR/llm.pt.bak-* back as llm.pt (atomically); the "
+                                    "llm.pt it replaces is kept as llm.pt.replaced-<time>. Run it again to go "
+                                    "back one more install.")
+    sp.add_argument("model_dir", metavar="MODEL_DIR")
+    sp.set_defaults(func=_cmd_restore)
 
     sp = sub.add_parser("demo", help="convert a small embedded model both ways and check it")
     sp.add_argument("--keep", metavar="DIR", help="keep the demo's files in DIR")
@@ -138,6 +170,33 @@ def _normalise(p: argparse.ArgumentParser, args) -> None:
             args.hf_dirs.append(args.hf_dir_alias)
         if not args.hf_dirs:
             p.error("to-pt needs an HF_DIR (or --hf-cosyvoice2-llm-path)")
+        if bool(args.output) == bool(args.install_into):
+            p.error("to-pt needs exactly one of -o OUT and --install-into MODEL_DIR")
+        if args.install_into and (len(args.hf_dirs) > 1 or args.force):
+            p.error("--install-into takes one HF_DIR and no --force (the old llm.pt is always kept as a backup)")
+
+
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP as an exception: their default action kills Python without running the clean-up
+    that removes a half-written output."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        old[sig] = signal.signal(sig, _raise_terminated)
+    # over a file-size limit (ulimit -f) the kernel sends SIGXFSZ, which kills by default; ignored, the
+    # write fails with EFBIG instead and the temporary output is removed
+    old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return old
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,13 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     _normalise(p, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="cosybridge: %(message)s", stream=sys.stderr, force=True)
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handlers = _install_signal_handlers() if in_main else {}
     try:
         return args.func(args)
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("cosybridge: interrupted; no output was left behind", file=sys.stderr)
+        print("cosybridge: interrupted (Ctrl-C); nothing half-written was left behind, inputs are unchanged",
+              file=sys.stderr)
         return 130
+    except _Terminated as e:
+        if args.debug:
+            raise
+        print(f"cosybridge: stopped by {signal.Signals(e.signum).name}; nothing half-written was left behind, "
+              "inputs are unchanged", file=sys.stderr)
+        return 128 + e.signum
     except Exception as e:  # noqa: BLE001 - one line for the user, traceback with --debug
         from .errors import CheckpointError
 
@@ -167,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cosybridge: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)",
                   file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import time
 
-from .convert import (Report, _NoProgress, _note, _plan_bytes, _target_dtype, _write_json, read_native,
-                      write_hf_weights)
+from .convert import (Report, _NoProgress, _note, _plan_bytes, _report_nonfinite, _target_dtype, _write_json,
+                      read_native, write_hf_weights)
 from .hfdir import fingerprint
 from .io.atomic import atomic_dir, check_output
 from .io.dtypes import torch_name
 from .io.sharded import parse_size
+from .numerics import NonFiniteCheck
 from .plan import DECODER_B, plan_to_vllm
 
 SOURCE_KEY = "cosybridge_source"
@@ -34,7 +35,7 @@ def vllm_config(qwen: dict, speech_rows: int, dtype: str, bias: bool, source: di
 
 
 def to_vllm(model_dir: str, out_dir: str | None = None, *, dtype: str = "bf16", family: str = "auto",
-            max_shard_size: str | int = "5GB", force: bool = False, progress=None) -> Report:
+            max_shard_size: str | int = "5GB", force: bool = False, progress=None, strict: bool = False) -> Report:
     """CosyVoice model dir → speech-only export (default: <model_dir>/vllm, where CosyVoice looks)."""
     t0 = time.perf_counter()
     progress = progress or _NoProgress()
@@ -51,14 +52,16 @@ def to_vllm(model_dir: str, out_dir: str | None = None, *, dtype: str = "bf16", 
         source = {"llm_pt": os.path.abspath(md.llm_pt), "fingerprint": fingerprint(pt)}
         progress.start(_plan_bytes(plan))
         rows = infos["speech_embedding.weight"].rows
+        check = NonFiniteCheck(strict)
         with atomic_dir(out_dir) as tmp:
-            report.bytes = write_hf_weights(tmp, plan, pt, progress, shard_limit)
+            report.bytes = write_hf_weights(tmp, plan, pt, progress, shard_limit, check)
             _write_json(os.path.join(tmp, "config.json"),
                         vllm_config(md.qwen_config, rows, plan.tensors[0].dtype, DECODER_B in infos, source))
             # CosyVoice deletes eos from the generation config: it stops on its own stop ids
             _write_json(os.path.join(tmp, "generation_config.json"), {"do_sample": True, **md.family.generation})
         report.tensors = len(plan.tensors)
         report.layout = {"family": md.family.name, "speech_rows": rows, "fingerprint": source["fingerprint"]}
+    _report_nonfinite(report, check)
     progress.close()
     report.seconds = time.perf_counter() - t0
     return report

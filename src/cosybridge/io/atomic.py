@@ -34,7 +34,7 @@ class WriteError(CheckpointError):
         self.os_error = os_error
 
 
-def _write_error(e: OSError, path: str) -> WriteError:
+def write_error(e: OSError, path: str) -> WriteError:
     parent = os.path.dirname(os.path.abspath(path))
     fixes = {
         errno.ENOSPC: "no space left on the device; free space or choose an output on another disk",
@@ -81,7 +81,7 @@ def check_output(path: str, inputs: list[str], force: bool) -> None:
         raise CheckpointError(f"{parent}: {why}; choose another output directory")
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -90,7 +90,7 @@ def _fsync_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def _signals_held():
+def signals_held():
     """Hold Ctrl-C/SIGTERM while a temporary output is removed, so a second signal cannot cut the clean-up
     short; they are delivered right after."""
     if threading.current_thread() is not threading.main_thread():
@@ -111,7 +111,7 @@ def atomic_file(path: str):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
     except OSError as e:
-        raise _write_error(e, path) from None
+        raise write_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -119,13 +119,13 @@ def atomic_file(path: str):
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException as e:
-        with _signals_held():
+        with signals_held():
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         if isinstance(e, OSError) and _ours(e, tmp):
-            raise _write_error(e, path) from None
+            raise write_error(e, path) from None
         raise
 
 
@@ -137,7 +137,7 @@ def atomic_dir(path: str):
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
     except OSError as e:
-        raise _write_error(e, path) from None
+        raise write_error(e, path) from None
     try:
         yield tmp
         for name in os.listdir(tmp):
@@ -147,20 +147,20 @@ def atomic_dir(path: str):
             finally:
                 os.close(fd)
         os.chmod(tmp, 0o777 & ~_UMASK)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if os.path.lexists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
             os.rename(path, os.path.join(old, "x"))
         os.rename(tmp, path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
-        with _signals_held():
+        with signals_held():
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, WriteError):  # from an atomic_file inside: name this output, not its temporary path
-            raise _write_error(e.os_error, path) from None
+            raise write_error(e.os_error, path) from None
         if isinstance(e, OSError) and _ours(e, tmp):
-            raise _write_error(e, path) from None
+            raise write_error(e, path) from None
         raise
