@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -63,8 +64,10 @@ class PtFile:
                     # legacy (pre-1.6) format cannot be mapped; still weights_only
                     return torch.load(self.path, map_location="cpu", weights_only=True), False
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{self.path}: refused to load: the pickle asks to run code or build objects "
-                                  f"that are not tensors ({_unpickling_reason(e)}); nothing from it was executed; "
+            reason = _unpickling_reason(e)
+            what = ("the pickle asks to run code or build objects that are not tensors" if "GLOBAL" in reason
+                    else "not a plain torch checkpoint")
+            raise CheckpointError(f"{self.path}: refused to load: {what} ({reason}); nothing from it was executed; "
                                   "use a checkpoint saved with torch.save(model.state_dict())") from None
         except MemoryError:
             raise CheckpointError(f"{self.path}: not a readable torch checkpoint (it asks for more memory than "
@@ -247,8 +250,11 @@ def write_pt(f, entries: list[tuple[str, str, tuple[int, ...], str | None]],
 def _unpickling_reason(e: Exception) -> str:
     """The informative line of torch's weights_only refusal (it also advises weights_only=False: not us)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if named:  # torch goes on to suggest allow-listing it, which is exactly what must not be done here
+        return f"GLOBAL {named.group(1)}"
     for line in lines:
-        if "GLOBAL" in line or "Unsupported" in line:
+        if "Unsupported" in line:
             return line[:160]
     for i, line in enumerate(lines):
         if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):

@@ -29,43 +29,46 @@ def _no_duplicates(pairs):
     return seen
 
 
+_FIX = "the file is truncated or corrupt: copy or download it again"
+
+
 def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, tuple[TensorInfo, int, int]], dict]:
     """Validate a header: every entry's dtype, shape and byte range; no overlaps; nothing out of range."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except CheckpointError as e:
-        raise CheckpointError(f"{where}: safetensors header has a {e}") from None
+        raise CheckpointError(f"{where}: safetensors header has a {e}; {_FIX}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, and ints over 4300 digits
         raise CheckpointError(f"{where}: safetensors header is not valid JSON ({type(e).__name__}); "
-                              "the file is truncated or corrupt") from None
+                              f"{_FIX}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{where}: safetensors header is not a JSON object")
+        raise CheckpointError(f"{where}: safetensors header is not a JSON object; {_FIX}")
     metadata = header.pop("__metadata__", {})
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{where}: safetensors __metadata__ must map strings to strings")
+        raise CheckpointError(f"{where}: safetensors __metadata__ must map strings to strings; {_FIX}")
     entries = {}
     for name, e in header.items():
         bad = f"{where}: tensor {name!r}"
         if not isinstance(e, dict) or set(e) - {"dtype", "shape", "data_offsets"} or len(e) != 3:
-            raise CheckpointError(f"{bad} needs exactly dtype, shape and data_offsets in the header")
+            raise CheckpointError(f"{bad} needs exactly dtype, shape and data_offsets in the header; {_FIX}")
         dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
         if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"{bad} has unknown dtype {dtype!r}")
+            raise CheckpointError(f"{bad} has unknown dtype {dtype!r}; {_FIX}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise CheckpointError(f"{bad} has an invalid shape {shape!r}")
+            raise CheckpointError(f"{bad} has an invalid shape {shape!r}; {_FIX}")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                 or not 0 <= offs[0] <= offs[1] <= data_size):
-            raise CheckpointError(f"{bad} has data_offsets {offs!r} outside the {data_size}-byte data block")
+            raise CheckpointError(f"{bad} has data_offsets {offs!r} outside the {data_size}-byte data block; {_FIX}")
         if offs[1] - offs[0] != nbytes(dtype, tuple(shape)):
             raise CheckpointError(f"{bad}: shape {shape} of {dtype} needs {nbytes(dtype, tuple(shape))} bytes "
-                                  f"but data_offsets span {offs[1] - offs[0]}")
+                                  f"but data_offsets span {offs[1] - offs[0]}; {_FIX}")
         entries[name] = (TensorInfo(dtype, tuple(shape)), offs[0], offs[1])
     spans = sorted((b, e, n) for n, (_, b, e) in entries.items() if e > b)
     for (b1, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
         if b2 < e1:
-            raise CheckpointError(f"{where}: tensors {n1!r} and {n2!r} overlap in the data block")
+            raise CheckpointError(f"{where}: tensors {n1!r} and {n2!r} overlap in the data block; {_FIX}")
     return entries, metadata
 
 

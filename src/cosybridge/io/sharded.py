@@ -16,6 +16,7 @@ from .source import TensorInfo
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+_MIXED = "the index and the shards come from different saves: copy the whole checkpoint directory again"
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9._-]+\.safetensors$")
 
 
@@ -61,9 +62,11 @@ class HFWeights:
             listed = {k for k, v in weight_map.items() if v == shard}
             present = set(f.names())
             if listed - present:
-                raise CheckpointError(f"{f.path}: tensors in the index but not in the shard: {sorted(listed - present)[:5]}")
+                raise CheckpointError(f"{f.path}: tensors in the index but not in the shard: {sorted(listed - present)[:5]}; "
+                                      f"{_MIXED}")
             if present - listed:
-                raise CheckpointError(f"{f.path}: tensors in the shard but not in the index: {sorted(present - listed)[:5]}")
+                raise CheckpointError(f"{f.path}: tensors in the shard but not in the index: {sorted(present - listed)[:5]}; "
+                                      f"{_MIXED}")
             for name in present:
                 self._where[name] = f
 
