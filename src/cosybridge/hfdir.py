@@ -45,7 +45,10 @@ def read_hf_dir(path: str, family: str | None = None) -> HFDir:
     if config is None:
         raise CheckpointError(f"{path}: no config.json; not a Hugging Face model directory")
     ids = read_token_ids(path)
-    fam, offset, size = speech_layout_from_ids(ids, FAMILIES[family] if family else None)
+    try:
+        fam, offset, size = speech_layout_from_ids(ids, FAMILIES[family] if family else None)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}; use the tokenizer files saved with these weights") from None
     meta = config.get(META_KEY) if isinstance(config.get(META_KEY), dict) else {}
     if meta:
         recorded = (meta.get("family"), meta.get("speech_token_offset"))
