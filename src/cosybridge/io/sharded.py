@@ -67,7 +67,7 @@ class HFWeights:
             if present - listed:
                 raise CheckpointError(f"{f.path}: tensors in the shard but not in the index: {sorted(present - listed)[:5]}; "
                                       f"{_MIXED}")
-            for name in present:
+            for name in f.names():  # header order, not a set's: to-pt writes keys in the order they are read
                 self._where[name] = f
 
     def names(self) -> list[str]:
