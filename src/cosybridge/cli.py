@@ -168,8 +168,8 @@ def _normalise(p: argparse.ArgumentParser, args) -> None:
     if args.command == "to-pt":
         if args.hf_dir_alias:
             args.hf_dirs.append(args.hf_dir_alias)
-        if not args.hf_dirs:
-            p.error("to-pt needs an HF_DIR (or --hf-cosyvoice2-llm-path)")
+        if len(args.hf_dirs) != 1:  # a second HF_DIR would otherwise be silently ignored
+            p.error(f"to-pt needs exactly one HF_DIR (or --hf-cosyvoice2-llm-path), got {len(args.hf_dirs)}")
         if bool(args.output) == bool(args.install_into):
             p.error("to-pt needs exactly one of -o OUT and --install-into MODEL_DIR")
         if args.install_into and (len(args.hf_dirs) > 1 or args.force):
