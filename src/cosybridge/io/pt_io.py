@@ -52,6 +52,15 @@ class PtFile:
 
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: no such file")
+        with open(self.path, "rb") as f:
+            head = f.read(32)
+        # torch.save writes a zip (or, before torch 1.6, a bare protocol-2 pickle); anything else would reach
+        # the weights_only unpickler and be reported as a pickle that asks to run code, which misleads
+        if head.startswith(b"version https://git-lfs"):
+            raise CheckpointError(f"{self.path}: a Git LFS pointer, not the weights; fetch them with `git lfs pull`")
+        if not head.startswith((b"PK\x03\x04", b"\x80")):
+            raise CheckpointError(f"{self.path}: not a torch checkpoint (it starts with {head[:16]!r}, not a zip or "
+                                  "pickle); copy or download it again")
         try:
             with warnings.catch_warnings():
                 # torch warns about pickle protocols before refusing; the refusal below is the one line we show
