@@ -88,10 +88,44 @@ def _cmd_restore(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    import json
+
+    from .inspect import inspect_path, render
+
+    report = inspect_path(args.path, scan=not args.no_scan)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    import json
+
+    from .verify import render, verify
+
+    result = verify(args.a, args.b, steps=args.steps, tolerance=args.tolerance)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0 if result["equivalent"] else 1
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(keep=args.keep)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number ≥ 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
                                     "back one more install.")
     sp.add_argument("model_dir", metavar="MODEL_DIR")
     sp.set_defaults(func=_cmd_restore)
+
+    sp = sub.add_parser("inspect", help="what a CosyVoice LLM checkpoint is, and what will trip CosyVoice",
+                        description="Detect the format and family of a CosyVoice model dir, llm.pt, training "
+                                    "checkpoint, merged Hugging Face dir or vLLM export, and print its layout, "
+                                    "token ids, tensors and warnings.")
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    sp.add_argument("--no-scan", action="store_true",
+                    help="skip the inf/NaN scan (it reads every tensor once: ~1.5 s per 2.5 GB from page cache)")
+    sp.set_defaults(func=_cmd_inspect)
+
+    sp = sub.add_parser("verify", help="prove two checkpoints are the same model (keys, weights, logits)",
+                        description="Check both against the key set CosyVoice expects, compare every weight, and "
+                                    "run both through transformers' Qwen2 on fixed inputs: max |Δ logit| over the "
+                                    "speech rows, top-1 agreement, greedy decoding. Exit 0 equivalent, 1 not.")
+    sp.add_argument("a", metavar="A", help="CosyVoice model dir or llm.pt, merged HF dir, or vLLM export")
+    sp.add_argument("b", metavar="B")
+    sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    sp.add_argument("--steps", type=_positive_int, default=20, help="greedy decoding steps (default 20)")
+    sp.add_argument("--tolerance", type=_non_negative_float, default=None,
+                    help="max |Δ logit| allowed (default: from the dtypes, 1e-5 for fp32 vs fp32)")
+    sp.set_defaults(func=_cmd_verify)
 
     sp = sub.add_parser("demo", help="convert a small embedded model both ways and check it")
     sp.add_argument("--keep", metavar="DIR", help="keep the demo's files in DIR")
