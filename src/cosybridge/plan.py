@@ -130,8 +130,8 @@ def plan_to_hf(pt: dict[str, TensorInfo], layout: TokenLayout, *, dtype: str | N
     else:
         if fam.lm_head_text_rows == "zero":
             side.add(SIDE_HEAD_TEXT, emb_dtype, (off, H), Rows(PT_HEAD, 0, off))
-        if B > off:
-            side.add(SIDE_HEAD_TAIL, emb_dtype, (B - off, H), Rows(PT_HEAD, off, B))
+        # written even with no rows (B == off): its presence is what tells to-pt that lm_head was untied
+        side.add(SIDE_HEAD_TAIL, emb_dtype, (B - off, H), Rows(PT_HEAD, off, B))
         model.dropped[PT_HEAD] = "not tied to embed_tokens: its rows the HF layout cannot hold are in the sidecar"
         model.notes.append("llm.model.lm_head.weight differs from embed_tokens; kept in the sidecar")
     validate(model, pt, set(pt) - {PT_HEAD})
