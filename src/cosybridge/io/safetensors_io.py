@@ -54,7 +54,7 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, tupl
         if not isinstance(e, dict) or set(e) - {"dtype", "shape", "data_offsets"} or len(e) != 3:
             raise CheckpointError(f"{bad} needs exactly dtype, shape and data_offsets in the header; {_FIX}")
         dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise CheckpointError(f"{bad} has unknown dtype {dtype!r}; {_FIX}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CheckpointError(f"{bad} has an invalid shape {shape!r}; {_FIX}")
