@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .errors import CheckpointError
 from .hfdir import SIDECAR
-from .io.atomic import atomic_file, fsync_dir, signals_held, write_error
+from .io.atomic import WriteError, atomic_file, fsync_dir, signals_held, write_error
 from .keyset import compare_keys, expected_pt_shapes
 from .modeldir import LLM_PT, read_model_dir
 
@@ -104,7 +104,7 @@ def _swap_in(model_dir: str, staged: str, backup_name: str) -> Installed:
                 with contextlib.suppress(OSError):
                     os.unlink(made)
             if isinstance(e, OSError):
-                raise write_error(e, llm_pt) from None
+                raise write_error(e, llm_pt, "llm.pt was left unchanged") from None
             raise
     return Installed(llm_pt, made, _warn_stale_vllm(model_dir))
 
@@ -119,6 +119,11 @@ def install_into(hf_dir: str, model_dir: str, *, dtype: str = "keep", base: str 
     from .io.pt_io import PtFile
 
     md = read_model_dir(model_dir)
+    if not os.access(model_dir, os.W_OK):
+        why = ("is on a read-only file system" if os.statvfs(model_dir).f_flag & os.ST_RDONLY
+               else "is not writable (permission denied)")
+        raise CheckpointError(f"{model_dir}: {why}; install-into writes llm.pt and its backup there: make it "
+                              "writable, or convert with -o to another place")
     if family not in ("auto", md.family.name):
         raise CheckpointError(f"{md.yaml_path} is {md.family.name}, but --family {family} was given")
     backup_name = BACKUP_PREFIX + _stamp()
@@ -143,9 +148,11 @@ def install_into(hf_dir: str, model_dir: str, *, dtype: str = "keep", base: str 
                                   f"{os.path.basename(md.yaml_path)} + CosyVoice-BlankEN/config.json "
                                   f"({'; '.join(lines)}); llm.pt was left unchanged")
         done = _swap_in(model_dir, staged, backup_name)
-    except BaseException:
+    except BaseException as e:
         with signals_held(), contextlib.suppress(OSError):
             os.unlink(staged)
+        if isinstance(e, WriteError):  # name llm.pt, not the staging file
+            raise write_error(e.os_error, md.llm_pt, "llm.pt was left unchanged") from None
         raise
     report.output = done.llm_pt
     report.notes.append(f"previous llm.pt kept as {done.backup}; `cosybridge restore {model_dir}` puts it back"
@@ -193,6 +200,6 @@ def restore(model_dir: str) -> Restored:
                 with contextlib.suppress(OSError):
                     os.unlink(made)
             if isinstance(e, OSError):
-                raise write_error(e, llm_pt) from None
+                raise write_error(e, llm_pt, "llm.pt was left unchanged") from None
             raise
     return Restored(llm_pt, latest, made, names[:-1], _warn_stale_vllm(model_dir))

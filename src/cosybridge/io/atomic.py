@@ -34,7 +34,7 @@ class WriteError(CheckpointError):
         self.os_error = os_error
 
 
-def write_error(e: OSError, path: str) -> WriteError:
+def write_error(e: OSError, path: str, outcome: str = "nothing was written") -> WriteError:
     parent = os.path.dirname(os.path.abspath(path))
     fixes = {
         errno.ENOSPC: "no space left on the device; free space or choose an output on another disk",
@@ -46,7 +46,7 @@ def write_error(e: OSError, path: str) -> WriteError:
         errno.EPERM: f"operation not permitted in {parent}; choose a directory you can write to",
         errno.ENOENT: f"{parent} disappeared while writing; create it and retry",
     }
-    return WriteError(f"{path}: cannot write: {fixes.get(e.errno, e.strerror)}; nothing was written", e)
+    return WriteError(f"{path}: cannot write: {fixes.get(e.errno, e.strerror)}; {outcome}", e)
 
 
 def _ours(e: OSError, tmp: str) -> bool:
