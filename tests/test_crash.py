@@ -115,7 +115,6 @@ def campaign(cv2_dir, cv2_hf, tmp_path_factory):
                   f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && "
                   f"mount --bind {ro_model} {ro_model} && mount -o remount,bind,ro {ro_model} && ")
         c.add("enospc-to-pt", ["to-pt", c.hf, "-o", small / "llm.pt"], small)
-        c.add("enospc-to-hf", ["to-hf", c.model, "-o", small / "hf"], small)
         c.add("enospc-install", ["to-pt", c.trained, "--install-into", medium / "model"], medium)
         c.add("rofs-to-pt", ["to-pt", c.hf, "-o", ro / "llm.pt"], ro)
         c.add("rofs-install", ["to-pt", c.trained, "--install-into", ro_model], ro_model)
@@ -258,7 +257,6 @@ def test_file_size_limit_and_permission_denied(campaign, name, words):
 
 @pytest.mark.parametrize("name, words", [
     ("enospc-to-pt", ["cannot write", "no space left on the device", "nothing was written"]),
-    ("enospc-to-hf", ["cannot write", "no space left on the device"]),
     ("enospc-install", ["/llm.pt: cannot write", "no space left on the device", "llm.pt was left unchanged"]),
     ("rofs-to-pt", ["read-only file system"]),
     ("rofs-install", ["read-only file system", "install-into"]),
