@@ -177,6 +177,22 @@ def test_without_sidecar_the_rows_come_from_the_model_dir(cv2_dir, trained_hf, c
     assert not torch.equal(got["llm.model." + TRAINED], want["llm.model." + TRAINED])
 
 
+def test_staging_left_by_a_killed_install_is_removed(cv2_dir, trained_hf, capsys, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs
+    alive = 1  # init: always running
+    m = copy_tree(cv2_dir, tmp_path / "model")
+    for pid in (dead.pid, alive):
+        (m / f".llm.pt.install-{pid}.partial").write_bytes(b"half an llm.pt")
+        (m / f"..llm.pt.install-{pid}.partial.x1y2z3.partial").write_bytes(b"a quarter")
+    assert run(capsys, "to-pt", trained_hf, "--install-into", m)[0] == 0
+    left = sorted(n for n in names(m) if n.endswith(".partial"))
+    assert left == sorted([f".llm.pt.install-{alive}.partial", f"..llm.pt.install-{alive}.partial.x1y2z3.partial"])
+
+
 @pytest.mark.parametrize("args", [
     ["to-pt", "{hf}", "--install-into", "{m}", "-o", "{out}"],
     ["to-pt", "{hf}", "--install-into", "{m}", "--force"],

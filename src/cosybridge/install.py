@@ -34,6 +34,8 @@ BACKUP_PREFIX = LLM_PT + ".bak-"
 REPLACED_PREFIX = LLM_PT + ".replaced-"
 _STAMP = "%Y%m%dT%H%M%SZ"             # UTC, so names sort in time order across DST changes and machines
 _BACKUP_NAME = re.compile(re.escape(BACKUP_PREFIX) + r"\d{8}T\d{6}Z$")
+# the staging file (and to_pt's temporary beside it) carry the installing process's id
+_STAGING = re.compile(r"^\.+" + re.escape(LLM_PT) + r"\.install-(\d+)\.partial")
 VLLM_DIR = "vllm"
 
 
@@ -76,6 +78,25 @@ def _keep(src: str, dst: str) -> None:
         raise CheckpointError(f"{dst}: already exists; a backup is never overwritten")
     with open(src, "rb") as fin, atomic_file(dst) as fout:
         shutil.copyfileobj(fin, fout, 16 << 20)
+
+
+def _remove_stale_staging(model_dir: str) -> None:
+    """An install killed by SIGKILL or a power cut leaves its hidden staging file (as large as llm.pt);
+    remove those whose process is gone. A live process's file is left alone."""
+    for name in os.listdir(model_dir):
+        m = _STAGING.match(name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running (or the id was reused): not ours to touch
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(model_dir, name))
+            log.info("removed %s, left by an install that was killed", os.path.join(model_dir, name))
 
 
 @dataclass
@@ -133,6 +154,7 @@ def install_into(hf_dir: str, model_dir: str, *, dtype: str = "keep", base: str 
     if base is None and not os.path.exists(os.path.join(hf_dir, SIDECAR)):
         base = model_dir
         log.info("no %s in %s: rows the HF layout cannot hold come from %s", SIDECAR, hf_dir, md.llm_pt)
+    _remove_stale_staging(model_dir)
     staged = os.path.join(model_dir, f".{LLM_PT}.install-{os.getpid()}.partial")
     try:
         report = to_pt(hf_dir, staged, dtype=dtype, base=base, family=family, progress=progress, strict=strict)
