@@ -57,7 +57,8 @@ def _warn_stale_vllm(model_dir: str) -> str | None:
     if not os.path.isdir(vllm):
         return None
     msg = (f"{vllm} was exported from the previous llm.pt and CosyVoice (load_vllm=True) reuses it without "
-           f"checking: delete it (rm -r {vllm}) so CosyVoice exports the new weights, or run cosybridge to-vllm")
+           f"checking: delete it (rm -r {vllm}) so CosyVoice exports the new weights, or rewrite it with "
+           f"`cosybridge to-vllm {model_dir} --force`")
     log.warning(msg)
     return msg
 
