@@ -20,7 +20,7 @@ from .keyset import compare_keys, expected_pt_shapes
 from .modeldir import read_model_dir
 from .numerics import NonFiniteCheck
 from .plan import DECODER_B, PT_EMBED, PT_HEAD, Plan, plan_to_hf, plan_to_pt
-from .stream import tensor_chunks
+from .stream import one_thread, tensor_chunks
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +130,15 @@ def read_native(model_dir: str, family: str = "auto"):
 
 
 def _lm_head_tied(pt: PtFile) -> bool:
-    if pt.shares_storage(PT_EMBED, PT_HEAD):
-        return True
-    import torch
-    rows = pt.info(PT_EMBED).rows
-    step = 8192
-    return all(torch.equal(pt.read(PT_EMBED, a, min(a + step, rows)), pt.read(PT_HEAD, a, min(a + step, rows)))
-               for a in range(0, rows, step))
+    with one_thread():  # a memory-bound compare: a second thread only waits for a core
+        return pt.same_values(PT_EMBED, PT_HEAD)
 
 
 def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "auto",
           max_shard_size: str | int = "5GB", force: bool = False, progress=None, strict: bool = False) -> Report:
     """CosyVoice model directory → merged Hugging Face directory (+ sidecar for an exact way back).
     NaN/Inf in the weights are reported; `strict` refuses them."""
-    from .tokens import write_hf_tokenizer, speech_offset
+    from .tokens import build_hf_tokenizer
 
     t0 = time.perf_counter()
     progress = progress or _NoProgress()
@@ -153,7 +148,8 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
     with pt:
         check_output(out_dir, md.inputs, force)
         fam: Family = md.family
-        layout = TokenLayout(fam, speech_offset(md.blanken, fam), infos[PT_EMBED].rows, md.llm.speech_token_size)
+        tokenizer = build_hf_tokenizer(md.blanken, fam, md.llm.speech_token_size)  # built once, checked first
+        layout = TokenLayout(fam, tokenizer.speech_offset, infos[PT_EMBED].rows, md.llm.speech_token_size)
         report = Report("to-hf", model_dir, out_dir, fam.name, layout=layout.as_dict())
         for n in pt.notes:
             _note(report, f"{md.llm_pt}: {n}")
@@ -179,7 +175,7 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
             _write_json(os.path.join(tmp, "config.json"), _hf_config(md.qwen_config, layout, out_dtype,
                                                                      DECODER_B in infos))
             _write_json(os.path.join(tmp, "generation_config.json"), _generation_config(md.qwen_config, layout))
-            write_hf_tokenizer(md.blanken, tmp, fam, layout.speech_token_size)
+            tokenizer.write(tmp)
             if fam.name == "cosyvoice3":
                 _write_json(os.path.join(tmp, CV3_METADATA), _cv3_metadata(layout, out_dtype))
         report.tensors = len(model.tensors) + len(side.tensors)

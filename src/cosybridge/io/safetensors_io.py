@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 from ..errors import CheckpointError
 from .dtypes import DTYPE_SIZES, nbytes, to_torch
 from .source import TensorInfo, row_range
+from .writeback import Writeback
 
 MAX_HEADER = 100 * 1024 * 1024  # the same cap as the safetensors library
 ALIGN = 8                        # the safetensors library pads the header so data starts 8-aligned
@@ -77,6 +78,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = str(path)
+        self._scratch = None   # a buffer reused by reads that cast (see read)
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -109,16 +111,32 @@ class SafetensorsFile:
         _, b, e = self._entries[name]
         return self._data_start + b, self._data_start + e
 
-    def read(self, name: str, start: int = 0, stop: int | None = None):
+    def read(self, name: str, start: int = 0, stop: int | None = None, out=None):
+        """Rows [start, stop) as a new tensor, or written into `out` (cast to its dtype) and returned."""
         import torch
 
         info = self.info(name)
         start, stop = row_range(info, name, start, stop, self.path)
         row_bytes = nbytes(info.dtype, info.shape[1:]) if info.shape else DTYPE_SIZES[info.dtype]
-        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
-        self._pread_into(buf, self.byte_range(name)[0] + start * row_bytes, name)
+        size, dtype = (stop - start) * row_bytes, to_torch(info.dtype)
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        return buf.view(to_torch(info.dtype)).reshape(shape)
+        if out is None:
+            buf = torch.empty(size, dtype=torch.uint8)
+        elif out.numel() != size // DTYPE_SIZES[info.dtype]:
+            raise ValueError(f"out has {out.numel()} elements; rows [{start}, {stop}) of {name!r} have "
+                             f"{size // DTYPE_SIZES[info.dtype]}")
+        elif out.dtype == dtype and out.is_contiguous():
+            buf = out.view(-1).view(torch.uint8)  # straight into the caller's buffer
+        else:  # read, then cast into out; the staging buffer is reused, as a fresh one costs page faults
+            if self._scratch is None or self._scratch.numel() < size:
+                self._scratch = torch.empty(size, dtype=torch.uint8)
+            buf = self._scratch[:size]
+        self._pread_into(buf, self.byte_range(name)[0] + start * row_bytes, name)
+        if out is None:
+            return buf.view(dtype).reshape(shape)
+        if buf.data_ptr() != out.data_ptr():
+            out.copy_(buf.view(dtype).reshape(out.shape))
+        return out
 
     def _pread_into(self, buf, offset: int, name: str) -> None:
         view = memoryview(buf.numpy())
@@ -159,12 +177,14 @@ def write_safetensors(f, entries: list[tuple[str, str, tuple[int, ...]]], metada
     """Stream tensors into an open binary file: header, then each tensor's chunks (torch tensors) in order."""
     f.write(header_bytes(entries, metadata))
     written = 0
+    writeback = Writeback(f)
     for name, dtype, shape in entries:
         expected = nbytes(dtype, shape)
         got = 0
         for chunk in chunks(name):
             data = memoryview(chunk.contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
             f.write(data)
+            writeback(len(data))
             got += len(data)
         if got != expected:  # a plan bug, never user input: stop before a wrong file is finished
             raise AssertionError(f"{name}: wrote {got} bytes, header says {expected}")

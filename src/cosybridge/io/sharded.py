@@ -82,8 +82,8 @@ class HFWeights:
     def info(self, name: str) -> TensorInfo:
         return self._file(name).info(name)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None):
-        return self._file(name).read(name, start, stop)
+    def read(self, name: str, start: int = 0, stop: int | None = None, out=None):
+        return self._file(name).read(name, start, stop, out=out)
 
     def close(self) -> None:
         for f in self.files.values():

@@ -30,8 +30,10 @@ class Source(Protocol):
 
     def info(self, name: str) -> TensorInfo: ...
 
-    def read(self, name: str, start: int = 0, stop: int | None = None):
-        """Rows [start, stop) of a tensor as a new torch.Tensor."""
+    def read(self, name: str, start: int = 0, stop: int | None = None, out=None):
+        """Rows [start, stop) of a tensor as a new torch.Tensor; or, given `out` (a tensor of as many
+        elements, any dtype), written into it with a cast to out's dtype, and `out` returned. Streaming
+        passes one reused `out`: no allocation per chunk, and a cast in the same pass as the read."""
 
     def close(self) -> None: ...
 
@@ -61,8 +63,8 @@ class CombinedSource:
     def info(self, name: str) -> TensorInfo:
         return self.owner(name).info(name)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None):
-        return self.owner(name).read(name, start, stop)
+    def read(self, name: str, start: int = 0, stop: int | None = None, out=None):
+        return self.owner(name).read(name, start, stop, out=out)
 
     def close(self) -> None:
         for s in self.sources:
