@@ -34,6 +34,23 @@ def qwen2_shapes(config: dict, vocab_rows: int | None = None) -> dict[str, tuple
     return shapes
 
 
+_LAYER_ORDER = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
+                "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight",
+                "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                "post_attention_layernorm.weight")
+
+
+def qwen2_order(name: str) -> tuple:
+    """Sort key giving Qwen2ForCausalLM.state_dict()'s order: transformers' save_pretrained writes names
+    sorted as strings (layers 0, 1, 10, ...), which would reorder a converted llm.pt."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        rest = ".".join(parts[3:])
+        return (1, int(parts[2]), _LAYER_ORDER.index(rest) if rest in _LAYER_ORDER else len(_LAYER_ORDER), rest)
+    top = {"model.embed_tokens.weight": 0, "model.norm.weight": 2, "lm_head.weight": 3}
+    return (top.get(name, 2), 0, 0, name)
+
+
 def expected_pt_shapes(family: Family, config: dict, speech_token_size: int = SPEECH_TOKEN_SIZE) -> dict:
     """Every key of the family's llm.pt with its shape."""
     h = config["hidden_size"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .errors import CheckpointError
 from .families import PT_BACKBONE_PREFIX, TokenLayout
 from .io.source import TensorInfo
+from .keyset import qwen2_order
 
 HF_EMBED, HF_HEAD, HF_BIAS = "model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"
 PT_EMBED, PT_HEAD = PT_BACKBONE_PREFIX + HF_EMBED, PT_BACKBONE_PREFIX + HF_HEAD
@@ -172,7 +173,7 @@ def plan_to_pt(hf: dict[str, TensorInfo], layout: TokenLayout, *, dtype: str | N
                           "for a bit-identical file")
     if fam.llm_embedding_rows:
         plan.add(LLM_EMB, dt, (fam.llm_embedding_rows, H), Rows(HF_EMBED, off + S, off + S + fam.llm_embedding_rows))
-    backbone = [n for n in hf if n.startswith("model.") and n != HF_EMBED]
+    backbone = sorted((n for n in hf if n.startswith("model.") and n != HF_EMBED), key=qwen2_order)
     plan.add(PT_EMBED, dt, (B, H), Rows(HF_EMBED, 0, off), *tail)
     for name in backbone:
         plan.add(PT_BACKBONE_PREFIX + name, _out_dtype(dtype, hf[name]), hf[name].shape, Rows(name, 0, _rows(hf[name])))
