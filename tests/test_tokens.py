@@ -240,6 +240,11 @@ def test_speech_layout_errors():
         speech_layout_from_ids(ids, COSYVOICE3)
     with pytest.raises(CheckpointError, match=r"neither <\|fill\|> \(CosyVoice3\) nor <\|eos3\|>"):
         speech_layout_from_ids({f"<|s_{i}|>": 100 + i for i in range(5)})
+    # upstream PR #1890's CosyVoice3 layout: all 6761 plain names, then aliases duplicating rows 6561-6563
+    pr = {f"<|s_{i}|>": 151924 + i for i in range(6761)}
+    pr.update({"<|sos|>": 158685, "<|eos|>": 158686, "<|task_id|>": 158687})
+    with pytest.raises(CheckpointError, match=r"alias layout of an open upstream PR"):
+        speech_layout_from_ids(pr)
 
 
 def test_read_token_ids_fallbacks(built, tmp_path):

@@ -156,6 +156,13 @@ def speech_layout_from_ids(ids: dict[str, int], family: Family | None = None) ->
             family = FAMILIES["cosyvoice3"]
         elif "<|eos3|>" in ids:
             family = FAMILIES["cosyvoice2"]
+        elif "<|eos|>" in ids and "<|s_6561|>" in ids:
+            # an open upstream PR (#1890) keeps all 6761 <|s_i|> names and appends aliases whose rows copy
+            # speech rows 6561-6563; after training the two copies differ and CosyVoice can use only one
+            raise CheckpointError("tokenizer uses the alias layout of an open upstream PR (<|sos|>, <|eos|>, "
+                                  "<|task_id|> appended after <|s_6760|>, duplicating speech rows 6561-6563); "
+                                  "cosybridge converts the layout of upstream's convert_cosyvoice3_to_hf.py, "
+                                  "which names those speech rows in place")
         else:
             raise CheckpointError("tokenizer has speech tokens but neither <|fill|> (CosyVoice3) nor <|eos3|> "
                                   "(CosyVoice2); pass the family explicitly")
