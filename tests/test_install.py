@@ -177,6 +177,24 @@ def test_without_sidecar_the_rows_come_from_the_model_dir(cv2_dir, trained_hf, c
     assert not torch.equal(got["llm.model." + TRAINED], want["llm.model." + TRAINED])
 
 
+def test_llm_pt_symlinked_into_a_download_cache_is_never_written_through(cv2_dir, trained_hf, capsys, tmp_path):
+    """Hub downloads often make llm.pt a symlink into a shared cache: install replaces the link, the cached
+    blob stays as it was, and the backup holds its bytes."""
+    m = copy_tree(cv2_dir, tmp_path / "model")
+    blob = tmp_path / "cache" / "blobs" / "3f2a"
+    blob.parent.mkdir(parents=True)
+    (m / "llm.pt").rename(blob)
+    (m / "llm.pt").symlink_to(blob)
+    original = blob.read_bytes()
+    assert run(capsys, "to-pt", trained_hf, "--install-into", m)[0] == 0
+    assert blob.read_bytes() == original
+    assert not (m / "llm.pt").is_symlink() and (m / "llm.pt").read_bytes() != original
+    (backup,) = [p for p in m.iterdir() if p.name.startswith("llm.pt.bak-")]
+    assert backup.read_bytes() == original
+    assert run(capsys, "restore", m)[0] == 0
+    assert (m / "llm.pt").read_bytes() == original and blob.read_bytes() == original
+
+
 def test_staging_left_by_a_killed_install_is_removed(cv2_dir, trained_hf, capsys, tmp_path):
     import subprocess
     import sys
