@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -62,10 +63,46 @@ def _cmd_to_pt(args) -> int:
                               family=args.family, progress=_progress(args, "to-pt"), strict=args.strict)
         log.warning(report.summary())
         return 0
+    if len(args.hf_dirs) > 1 or args.output.endswith(os.sep) or os.path.isdir(args.output):
+        return _to_pt_many(args)  # -o is a directory: also for one HF_DIR, as when a glob matches only one
     report = to_pt(args.hf_dirs[0], args.output, dtype=args.dtype, base=args.base, family=args.family,
                    force=args.force, progress=_progress(args, "to-pt"), strict=args.strict)
     log.warning(report.summary())
     return 0
+
+
+def _to_pt_many(args) -> int:
+    """Every HF_DIR into the directory -o: a line per input as it finishes, then one for the batch; exit 1
+    if any failed."""
+    import time
+
+    from .batch import summary, to_pt_many
+
+    t0 = time.perf_counter()
+    bar = None
+    if args.jobs > 1 and not args.quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(args.hf_dirs), unit="checkpoint", desc="to-pt", file=sys.stderr, leave=False)
+
+    def done(outcome) -> None:
+        if bar is not None:
+            bar.update(1)
+        if outcome.ok:
+            log.warning(outcome.report.summary())
+        else:
+            print(f"cosybridge: {outcome.error}", file=sys.stderr)
+
+    try:
+        outcomes = to_pt_many(args.hf_dirs, args.output, jobs=args.jobs, on_done=done,
+                              progress_for=lambda name: _progress(args, name),
+                              dtype=args.dtype, base=args.base, family=args.family, force=args.force,
+                              strict=args.strict)
+    finally:
+        if bar is not None:
+            bar.close()
+    log.warning(summary(outcomes, time.perf_counter() - t0))
+    return 0 if all(o.ok for o in outcomes) else 1
 
 
 def _cmd_to_vllm(args) -> int:
@@ -157,12 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=_cmd_to_hf)
 
-    sp = sub.add_parser("to-pt", help="merged Hugging Face dir → CosyVoice llm.pt",
-                        description="Convert a merged Hugging Face directory back to CosyVoice's llm.pt.")
+    sp = sub.add_parser("to-pt", help="merged Hugging Face dir(s) → CosyVoice llm.pt",
+                        description="Convert a merged Hugging Face directory back to CosyVoice's llm.pt. "
+                                    "Given several HF_DIRs (e.g. checkpoints/*/merged_hf_model), -o names a "
+                                    "directory (created if missing) and each output is named after the part of "
+                                    "its path that differs from the others' (checkpoints/global_step_100/"
+                                    "merged_hf_model → OUT/global_step_100.pt); a failed input does not stop "
+                                    "the others, and the exit code is 1 if any failed.")
     sp.add_argument("hf_dirs", nargs="*", metavar="HF_DIR")
     sp.add_argument("--hf-cosyvoice2-llm-path", dest="hf_dir_alias", metavar="HF_DIR",
                     help="alias of HF_DIR (upstream huggingface_to_pretrained.py)")
-    sp.add_argument("-o", "--output", "--output-path", dest="output", metavar="OUT")
+    sp.add_argument("-o", "--output", "--output-path", dest="output", metavar="OUT",
+                    help="the llm.pt to write; with several HF_DIRs (or OUT an existing directory or ending "
+                         "in /), the directory to write them to")
+    sp.add_argument("-j", "--jobs", type=_positive_int, default=1,
+                    help="with several HF_DIRs, convert up to N at once in worker processes (default 1; "
+                         "each holds ~300 MB, and more than the number of cores rarely helps)")
+    sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                    help="only warnings, errors and the summary lines")
     sp.add_argument("--install-into", metavar="MODEL_DIR",
                     help="instead of -o: check the result against MODEL_DIR's yaml and BlankEN config, keep the "
                          "old llm.pt as llm.pt.bak-<time> and replace it atomically (undo: cosybridge restore)")
@@ -224,8 +273,8 @@ def _normalise(p: argparse.ArgumentParser, args) -> None:
     if args.command == "to-pt":
         if args.hf_dir_alias:
             args.hf_dirs.append(args.hf_dir_alias)
-        if len(args.hf_dirs) != 1:  # a second HF_DIR would otherwise be silently ignored
-            p.error(f"to-pt needs exactly one HF_DIR (or --hf-cosyvoice2-llm-path), got {len(args.hf_dirs)}")
+        if not args.hf_dirs:
+            p.error("to-pt needs an HF_DIR (or --hf-cosyvoice2-llm-path)")
         if bool(args.output) == bool(args.install_into):
             p.error("to-pt needs exactly one of -o OUT and --install-into MODEL_DIR")
         if args.install_into and (len(args.hf_dirs) > 1 or args.force):
@@ -280,18 +329,11 @@ def main(argv: list[str] | None = None) -> int:
               "inputs are unchanged", file=sys.stderr)
         return 128 + e.signum
     except Exception as e:  # noqa: BLE001 - one line for the user, traceback with --debug
-        from .errors import CheckpointError
+        from .errors import error_line
 
         if args.debug:
             raise
-        if isinstance(e, CheckpointError):
-            print(f"cosybridge: error: {e}", file=sys.stderr)
-        elif isinstance(e, OSError):
-            where = f" ({e.filename})" if e.filename else ""
-            print(f"cosybridge: error: {e.strerror or e}{where}; no output was left behind", file=sys.stderr)
-        else:
-            print(f"cosybridge: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)",
-                  file=sys.stderr)
+        print(f"cosybridge: {error_line(e)}", file=sys.stderr)
         return 1
     finally:
         for sig, handler in old_handlers.items():
