@@ -362,7 +362,7 @@ def case_data_bit_flip_makes_nan_strict(tmp, cv2_dir, cv2_hf, state):
 
 def case_to_pt_output_is_input(tmp, cv2_dir, cv2_hf, state):
     h = _hf(tmp, cv2_hf)
-    return ["to-pt", h, "-o", h, "--force"], [h], ["overwrite the input"]
+    return ["to-pt", h, "-o", h / "model.safetensors", "--force"], [h], ["overwrite the input"]
 
 
 def case_to_hf_output_is_llm_pt(tmp, cv2_dir, cv2_hf, state):

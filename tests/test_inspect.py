@@ -100,8 +100,9 @@ def test_model_dir(request, family):
     hidden = dims(d)["hidden_size"]
     assert r["groups"]["speech_embedding"] == {"tensors": 1, "dtypes": ["F32"], "bytes": f["rows"] * hidden * 4}
     assert r["groups"]["lm_head"]["bytes"] == 0  # tied: saved once, as embed_tokens
-    assert r["total_bytes"] == sum(t.numel() * t.element_size() for n, t in
-                                   torch.load(d / "llm.pt", weights_only=True).items() if n != "llm.model.lm_head.weight")
+    state = torch.load(d / "llm.pt", weights_only=True)
+    assert r["total_bytes"] == sum(t.numel() * t.element_size() for n, t in state.items()
+                                   if n != "llm.model.lm_head.weight")
 
 
 def test_bare_llm_pt_family_from_keys(request, family, tmp_path):

@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     sp.add_argument("--steps", type=_positive_int, default=20, help="greedy decoding steps (default 20)")
     sp.add_argument("--tolerance", type=_non_negative_float, default=None,
-                    help="max |Δ logit| allowed (default: from the dtypes, 1e-5 for fp32 vs fp32)")
+                    help="max |Δ logit| allowed once both sides' weights are at their common precision "
+                         "(default 1e-5; both are computed in fp32)")
     sp.set_defaults(func=_cmd_verify)
 
     sp = sub.add_parser("demo", help="convert a small embedded model both ways and check it")

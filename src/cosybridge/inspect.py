@@ -87,8 +87,8 @@ def _native(path: str, md, scan: bool) -> dict:
             for note in pt.notes:
                 log.info("%s: %s", pt_path, note)
             warn(report, "training_entries",
-                 f"{pt_path}: {'; '.join(pt.notes)}. CosyVoice's strict load fails on this file; cosybridge "
-                 "handles it (`cosybridge to-hf`, then `to-pt` gives a clean llm.pt)")
+                f"{pt_path}: {'; '.join(pt.notes)}. CosyVoice's strict load fails on this file; cosybridge "
+                "handles it (`cosybridge to-hf`, then `to-pt` gives a clean llm.pt)")
         report["lm_head_bias"] = DECODER_B in infos
         report["tied_embeddings"] = PT_HEAD not in infos or _lm_head_tied(pt)
         report["backbone"].update(_dims_from_shapes(infos))
@@ -96,8 +96,8 @@ def _native(path: str, md, scan: bool) -> dict:
             report["backbone"].update({k: md.qwen_config.get(k) for k in DIMS})
             if md.family is not fam:
                 warn(report, "family_mismatch", f"{pt_path} is a {fam.name} checkpoint but {md.yaml_path} names "
-                                                f"{md.llm.lm_class} ({md.family.name}): use the {fam.yaml_name} "
-                                                "that came with this llm.pt")
+                                               f"{md.llm.lm_class} ({md.family.name}): use the {fam.yaml_name} "
+                                               "that came with this llm.pt")
             shapes_warning(report, f"{pt_path} vs {os.path.basename(md.yaml_path)} + {BLANKEN}/config.json",
                            compare_keys({n: i.shape for n, i in infos.items()},
                                         expected_pt_shapes(md.family, md.qwen_config, md.llm.speech_token_size)))

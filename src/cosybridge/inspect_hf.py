@@ -2,7 +2,6 @@
 sharded) and the speech-only vLLM export, with the staleness check CosyVoice itself never makes."""
 from __future__ import annotations
 
-import logging
 import os
 
 from .errors import CheckpointError
@@ -17,15 +16,10 @@ from .sides import not_cosyvoice
 from .values import count_nonfinite, rows_equal
 from .vllm_export import BIAS_ARCHITECTURE, SOURCE_KEY
 
-log = logging.getLogger(__name__)
-
 
 def _hf_group(name: str) -> str:
     named = {HF_EMBED: "embed_tokens", HF_HEAD: "lm_head", HF_BIAS: "lm_head"}
     return named.get(name) or ("backbone" if name.startswith("model.") else "other")
-
-
-# ---- Hugging Face layouts --------------------------------------------------------------------------------
 
 def _hf_checks(report: dict, path: str, config: dict, infos: dict, fam: Family, *, speech_only: bool) -> None:
     """Weights against config.json, and what transformers / vLLM will do with lm_head.bias."""
@@ -43,7 +37,7 @@ def _hf_checks(report: dict, path: str, config: dict, infos: dict, fam: Family, 
     arch = (config.get("architectures") or [None])[0]
     if HF_BIAS in infos and not fam.decoder_bias:
         warn(report, "lm_head_bias_ignored", f"lm_head.bias is stored but {fam.name}'s llm_decoder has no bias: "
-                                              "to-pt drops it, and transformers and vLLM ignore it")
+                                             "to-pt drops it, and transformers and vLLM ignore it")
     elif HF_BIAS in infos and speech_only and arch == BIAS_ARCHITECTURE:
         report["notes"].append(f"architectures {arch}: vLLM applies lm_head.bias only with CosyVoice's own model "
                                "class, which CosyVoice registers at start-up")
@@ -51,13 +45,13 @@ def _hf_checks(report: dict, path: str, config: dict, infos: dict, fam: Family, 
         lost = ("the decoder bias is lost" if speech_only else
                 "the decoder bias is lost and text tokens are no longer masked (-inf)")
         warn(report, "lm_head_bias_ignored",
-              f"lm_head.bias is stored, but transformers' and vLLM's Qwen2ForCausalLM ignore it: loaded there, "
-              f"{lost}; CosyVoice (via `cosybridge to-pt`) and `cosybridge verify` use it")
+             f"lm_head.bias is stored, but transformers' and vLLM's Qwen2ForCausalLM ignore it: loaded there, "
+             f"{lost}; CosyVoice (via `cosybridge to-pt`) and `cosybridge verify` use it")
     elif fam.decoder_bias:
         masked = "" if speech_only else "text tokens are not masked, so sampling can pick them, and "
         warn(report, "no_lm_head_bias",
-              f"no lm_head.bias (RL training drops it): {masked}to-pt writes llm_decoder.bias as zeros, so "
-              "logits differ from the llm.pt it came from")
+             f"no lm_head.bias (RL training drops it): {masked}to-pt writes llm_decoder.bias as zeros, so "
+             "logits differ from the llm.pt it came from")
 
 
 def hf_report(path: str, scan: bool) -> dict:
@@ -79,7 +73,7 @@ def hf_report(path: str, scan: bool) -> dict:
             if base is None and sidecar and sidecar.metadata.get("base_vocab_size", "").isdigit():
                 base = int(sidecar.metadata["base_vocab_size"])
             report = new_report(path, "hf", "cosybridge" if hd.meta or hd.sidecar else "upstream", hd.family,
-                             hd.speech_token_size)
+                                hd.speech_token_size)
             report["sharded"] = os.path.exists(os.path.join(path, INDEX))
             if base is None:
                 base = QWEN2_EMBED_ROWS
@@ -89,7 +83,7 @@ def hf_report(path: str, scan: bool) -> dict:
             report["tokens"] = token_ids(layout, infos[HF_EMBED].rows)
             if infos[HF_EMBED].rows < layout.tokenizer_len:
                 warn(report, "shape_mismatch", f"{path}: embed_tokens has {infos[HF_EMBED].rows} rows but the "
-                                                f"tokenizer has {layout.tokenizer_len} tokens")
+                                               f"tokenizer has {layout.tokenizer_len} tokens")
             _hf_checks(report, path, hd.config, infos, hd.family, speech_only=False)
             add_groups(report, infos, _hf_group)
             if sidecar:
@@ -97,9 +91,9 @@ def hf_report(path: str, scan: bool) -> dict:
                 recorded, now = sidecar.metadata.get("model_fingerprint"), fingerprint(weights)
                 if recorded not in (None, now):
                     warn(report, "stale_sidecar",
-                          f"{SIDECAR} was written for other weights (fingerprint {recorded}, the weights now give "
-                          f"{now}): the model was trained or edited since to-hf; to-pt still takes the original's "
-                          "rows the HF layout cannot hold from it, which is right for a fine-tune of that model")
+                         f"{SIDECAR} was written for other weights (fingerprint {recorded}, the weights now give "
+                         f"{now}): the model was trained or edited since to-hf; to-pt still takes the original's "
+                         "rows the HF layout cannot hold from it, which is right for a fine-tune of that model")
             _check_generation(report, path, layout)
             if scan:
                 off = layout.speech_offset
@@ -127,9 +121,9 @@ def _check_generation(report: dict, path: str, layout: TokenLayout) -> None:
     missing = [i for i in layout.eos_ids if i not in eos]
     if missing:
         warn(report, "eos_ids_incomplete",
-              f"generation_config.json stops on {len(layout.eos_ids) - len(missing)} of the {len(layout.eos_ids)} "
-              f"ids CosyVoice stops on ({layout.eos_ids[0]}..{layout.eos_ids[-1]}): HF and vLLM generation runs "
-              "past CosyVoice's stop tokens; list them all in eos_token_id")
+             f"generation_config.json stops on {len(layout.eos_ids) - len(missing)} of the {len(layout.eos_ids)} "
+             f"ids CosyVoice stops on ({layout.eos_ids[0]}..{layout.eos_ids[-1]}): HF and vLLM generation runs "
+             "past CosyVoice's stop tokens; list them all in eos_token_id")
 
 
 def vllm_report(path: str, config: dict, scan: bool) -> dict:
@@ -152,7 +146,7 @@ def vllm_report(path: str, config: dict, scan: bool) -> dict:
                                 vocab_size=rows, padding_rows=0)
         if config.get("vocab_size") != rows:
             warn(report, "shape_mismatch", f"{path}: config.json vocab_size {config.get('vocab_size')} but "
-                                            f"embed_tokens has {rows} rows")
+                                           f"embed_tokens has {rows} rows")
         _hf_checks(report, path, {**config, "vocab_size": rows}, infos, fam, speech_only=True)
         add_groups(report, infos, _hf_group)
         candidates = [os.path.join(os.path.dirname(os.path.abspath(path)), LLM_PT)]
@@ -192,6 +186,6 @@ def check_export(report: dict, export: str, llm_pt: str, pt) -> None:
     if info["stale"]:
         model_dir = os.path.dirname(os.path.abspath(llm_pt))
         warn(report, "stale_vllm_export",
-              f"{export} was exported from a different llm.pt than {llm_pt} ({how}): CosyVoice reuses "
-              f"<model_dir>/vllm without checking, so vLLM would serve the old weights; rewrite it with "
-              f"`cosybridge to-vllm {model_dir} --force`")
+             f"{export} was exported from a different llm.pt than {llm_pt} ({how}): CosyVoice reuses "
+             f"<model_dir>/vllm without checking, so vLLM would serve the old weights; rewrite it with "
+             f"`cosybridge to-vllm {model_dir} --force`")

@@ -20,7 +20,6 @@ TOKEN_KEYS = ("speech_token_offset", "sos_id", "task_id_id", "eos_id", "eos_ids"
               "padding_rows", "base_vocab_size")
 
 
-
 def new_report(path: str, fmt: str, written_by: str, fam: Family, size: int) -> dict:
     return {"path": os.path.abspath(path), "format": fmt, "format_name": FORMATS[fmt], "written_by": written_by,
             "family": fam.name, "lm_class": fam.lm_class, "sharded": False, "backbone": dict.fromkeys(DIMS),
@@ -95,4 +94,4 @@ def scan_nonfinite(report: dict, source, names, bias_speech_rows: tuple[int, int
     if counts:
         listed = ", ".join(f"{k} ({v})" for k, v in sorted(counts.items())[:6])
         warn(report, "nonfinite", f"inf/NaN values where none are expected: {listed}; CosyVoice will produce "
-                                   "noise or NaN from this checkpoint: use an earlier training checkpoint")
+                                  "noise or NaN from this checkpoint: use an earlier training checkpoint")

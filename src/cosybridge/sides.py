@@ -15,11 +15,11 @@ from .families import FAMILIES, PT_BACKBONE_PREFIX, SPEECH_TOKEN_SIZE, Family, T
 from .hfdir import read_hf_dir
 from .io.dtypes import FLOAT_DTYPES
 from .io.sharded import HFWeights
-from .vllm_export import SOURCE_KEY
 from .keyset import KeyReport, compare_keys, expected_pt_shapes, qwen2_shapes
 from .modeldir import BLANKEN, LLM_PT, read_json, read_model_dir
 from .plan import DECODER_B, DECODER_W, HF_BIAS, HF_EMBED, HF_HEAD, LLM_EMB, PT_EMBED, PT_HEAD, SPEECH_EMB
 from .values import compare_rows
+from .vllm_export import SOURCE_KEY
 
 FORMAT_NAMES = {"pt": "CosyVoice llm.pt", "hf": "merged Hugging Face dir", "vllm": "speech-only vLLM export"}
 # config entries that decide what the backbone computes (transformers' Qwen2Config)
@@ -155,8 +155,6 @@ def _hf_keys(side: Side, infos: dict, config: dict) -> None:
 
 
 def _hf_side(path: str, label: str) -> Side:
-    from tokenizers import Tokenizer
-
     hd = read_hf_dir(path)
     weights = HFWeights(path)
     infos = {n: weights.info(n) for n in weights.names()}
@@ -166,7 +164,7 @@ def _hf_side(path: str, label: str) -> Side:
     off, S = layout.speech_offset, layout.speech_rows
     side.text_offset = off
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        side.tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        side.tokenizer = _tokenizer_file(os.path.join(path, "tokenizer.json"))
     side.rows = _backbone_rows(infos, "", HF_EMBED, HF_HEAD)
     rows = infos[HF_EMBED].rows if HF_EMBED in infos else 0
     if rows < layout.tokenizer_len:
@@ -180,6 +178,19 @@ def _hf_side(path: str, label: str) -> Side:
     if hd.family.llm_embedding_rows:
         side.rows[LLM_EMB] = (HF_EMBED, off + S, off + S + hd.family.llm_embedding_rows)
     return side
+
+
+def _tokenizer_file(path: str):
+    """tokenizer.json, parsed once per file version (12 MB of JSON: most of a second)."""
+    st = os.stat(path)
+    return _tokenizer_cached(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_cached(path: str, mtime_ns: int, size: int):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
 
 
 def _vllm_side(path: str, label: str) -> Side:
@@ -232,23 +243,20 @@ def compare_weights(a: Side, b: Side) -> dict:
     exact = dtype != "F32" or {"F16", "BF16"}.isdisjoint(a.dtypes + b.dtypes)
     out = {"compared": 0, "dtype": dtype, "exact": exact, "differing": [],
            "only_in_a": sorted(set(a.rows) - set(b.rows) - _not_held(b)),
-           "only_in_b": sorted(set(b.rows) - set(a.rows) - _not_held(a)), "not_compared": []}
+           "only_in_b": sorted(set(b.rows) - set(a.rows) - _not_held(a))}
     for name in a.rows:
         if name not in b.rows:
             continue
         (ta, sa, ea), (tb, sb, eb) = a.rows[name], b.rows[name]
-        shape_a, shape_b = a.source.info(ta).shape[1:], b.source.info(tb).shape[1:]
-        if ea - sa != eb - sb or shape_a != shape_b:
-            rows = min(ea - sa, eb - sb)
+        shape_a, shape_b = (ea - sa, *a.source.info(ta).shape[1:]), (eb - sb, *b.source.info(tb).shape[1:])
+        if shape_a != shape_b:
             out["differing"].append({"name": name, "rows_differing": None, "first_row": None, "max_abs_diff": None,
-                                     "shapes": [[ea - sa, *shape_a], [eb - sb, *shape_b]]})
-            if shape_a != shape_b or not rows:
-                continue
-            ea, eb = sa + rows, sb + rows
+                                     "shapes": [list(shape_a), list(shape_b)]})
+            continue
         diff = compare_rows(a.source, ta, b.source, tb, dtype=dtype, a_start=sa, b_start=sb, rows=ea - sa)
         out["compared"] += 1
         if diff["rows_differing"]:
-            out["differing"].append({"name": name, **diff})
+            out["differing"].append({"name": name, **diff, "shapes": None})
     return out
 
 

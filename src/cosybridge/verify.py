@@ -13,13 +13,9 @@ The only module besides the tests that runs model code; transformers is imported
 """
 from __future__ import annotations
 
-import logging
-
 from .errors import CheckpointError
 from .plan import DECODER_B, DECODER_W, LLM_EMB, SPEECH_EMB
 from .sides import Side, compare_weights, config_differences, open_side, shape_differences
-
-log = logging.getLogger(__name__)
 
 TEXT = "Hello! This sentence checks that a converted CosyVoice model speaks exactly like the original."
 # CosyVoice3 is trained with this system prompt before the text; it must contain <|endofprompt|> (FIELD_NOTES)
@@ -212,6 +208,9 @@ def _text_ids(result: dict, a: Side, b: Side) -> tuple[Side, list[int]]:
     ref = with_text[0]
     text = fixed_text(ref)
     ids = {s.label: s.tokenizer.encode(text, add_special_tokens=False).ids for s in with_text if s.tokenizer}
+    if not ids:
+        raise CheckpointError(f"{ref.path}: no tokenizer.json to turn the fixed text into ids; copy the tokenizer "
+                              "files from the model it was converted from")
     if len(set(map(tuple, ids.values()))) > 1:
         result["reasons"].append(f"the tokenizers disagree on the fixed text: A {ids['A'][:8]}…, B {ids['B'][:8]}…")
     return ref, ids.get(ref.label) or next(iter(ids.values()))
