@@ -10,7 +10,9 @@ Fixtures (synthetic weights, real layout and real Qwen2 vocabulary, built by cos
 Directions: to-pt (bf16 HF dir → llm.pt) and to-hf (fp32 llm.pt → HF dir, --dtype bf16). Methods, each a
 fresh process, interleaved run by run so that load from other users spreads over all of them:
   floor      python that imports torch + safetensors, reads every input byte, writes as many bytes as
-             cosybridge's output (no fsync): what no converter in Python can beat
+             cosybridge's output (no fsync): the issue's reference
+  floor-durable  the same, made crash-safe as cosybridge's output is: write-back started every 64 MB
+             (io/writeback.py) and an fsync at the end; on this VM it is faster than the plain floor
   cosybridge the CLI, as a user runs it
   plain      same plan, but every tensor loaded whole (safetensors.torch.load_file / torch.load without
              mmap), built with torch.cat and saved with torch.save / save_file (weights only: no tokenizer)
@@ -41,9 +43,11 @@ MB = 1e6
 
 # ---- the methods that run in a child process (python bench/bench.py --child NAME ...) -----------------
 
-def child_floor(inputs: str, out: str, nbytes: str) -> None:
+def child_floor(inputs: str, out: str, nbytes: str, durable: str = "") -> None:
     import safetensors.torch  # noqa: F401 - the floor pays the imports a converter pays
     import torch  # noqa: F401
+
+    from cosybridge.io.writeback import Writeback
 
     buf = memoryview(bytearray(16 << 20))
     for root, _, files in os.walk(inputs):
@@ -52,9 +56,15 @@ def child_floor(inputs: str, out: str, nbytes: str) -> None:
                 while f.readinto(buf):
                     pass
     left = int(nbytes)
-    with open(out, "wb", buffering=0) as f:
+    with open(out, "wb") as f:
+        writeback = Writeback(f) if durable else (lambda n: None)
         while left:
-            left -= f.write(buf[:min(left, len(buf))])
+            n = f.write(buf[:min(left, len(buf))])
+            writeback(n)
+            left -= n
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def materialise(plan, tensors: dict) -> dict:
@@ -180,8 +190,8 @@ CHILDREN = {"floor": child_floor, "plain-to-pt": child_plain_to_pt, "plain-to-hf
 
 # ---- measuring -----------------------------------------------------------------------------------------
 
-def run(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process; raises if it fails."""
+def run(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MB, CPU seconds) of one child process; raises if it fails."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -191,7 +201,7 @@ def run(cmd: list[str]) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024 / MB
+    return wall, usage.ru_maxrss * 1024 / MB, usage.ru_utime + usage.ru_stime
 
 
 def cosybridge_cmd() -> list[str]:
@@ -293,22 +303,25 @@ def bench_direction(direction: str, fx: dict, runs: int, methods: list[str]) -> 
         "upstream": [PY, __file__, "--child", f"upstream-{direction}", str(src), str(outs.get("upstream"))],
     }
     warm(src)
-    results = {m: {"wall": [], "rss": []} for m in methods}
+    results = {m: {"wall": [], "rss": [], "cpu": []} for m in methods}
     out_bytes = None
     for i in range(runs):
         for m in methods:
             remove(outs[m])
-            cmd = cmds.get(m) or [PY, __file__, "--child", "floor", str(src), str(outs[m]), str(out_bytes)]
-            wall, rss = run(cmd)
+            cmd = cmds.get(m) or [PY, __file__, "--child", "floor", str(src), str(outs[m]), str(out_bytes),
+                                  "durable" if m == "floor-durable" else ""]
+            wall, rss, cpu = run(cmd)
             results[m]["wall"].append(wall)
             results[m]["rss"].append(rss)
+            results[m]["cpu"].append(cpu)
             if m == "cosybridge" and out_bytes is None:
                 out_bytes = tree_bytes(outs[m])
             if i == 0 and m != "floor":
                 results[m]["bytes"] = weight_bytes(outs[m])
             if i < runs - 1 or m == "floor":
                 remove(outs[m])
-            print(f"  {direction} {fx['root'].name} {m:10s} run {i + 1}: {wall:6.2f} s  {rss:7.0f} MB",
+            print(f"  {direction} {fx['root'].name} {m:10s} run {i + 1}: {wall:6.2f} s  {rss:7.0f} MB  "
+                  f"cpu {cpu:5.2f} s",
                   file=sys.stderr)
     for m in methods:
         remove(outs[m])
@@ -338,8 +351,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sizes", default="0.5b,1.5b")
+    p.add_argument("--directions", default="to-pt,to-hf")
+    p.add_argument("--methods", default="cosybridge,floor,floor-durable,plain,upstream",
+                   help="plain and upstream run at 0.5B only")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
+    p.add_argument("--quick", action="store_true", help="skip the start-up and import checks")
     args = p.parse_args()
     if args.child:
         CHILDREN[args.child[0]](*args.child[1:])
@@ -353,14 +370,15 @@ def main() -> int:
     data: dict = {"runs": args.runs, "sizes": sizes}
     for size in sizes:
         fx = fixtures[size]
-        for direction in ("to-pt", "to-hf"):
-            methods = ["cosybridge", "floor"]
-            if size == "0.5b":  # whole-model approaches at 1.5B need ~10 GB; they only add noise for the others
-                methods += ["plain"] + (["upstream"] if direction == "to-pt" else [])
+        for direction in args.directions.split(","):
+            methods = [m for m in args.methods.split(",") if m in ("cosybridge", "floor", "floor-durable")
+                       # whole-model approaches at 1.5B need ~10 GB; they would only add noise for the others
+                       or size == "0.5b" and (m == "plain" or m == "upstream" and direction == "to-pt")]
+            methods.sort(key=lambda m: m != "cosybridge")  # first: the floor writes as many bytes as it did
             data[f"{direction} {size}"] = bench_direction(direction, fx, args.runs, methods)
     first = fixtures[sizes[0]]
-    data["startup"] = startup(first, max(args.runs, 5))
-    probes = {"to-pt": ["to-pt", str(first["hf"]), "-o", str(first["root"] / "imp.pt")],
+    data["startup"] = startup(first, max(args.runs, 5)) if not args.quick else {}
+    probes = {} if args.quick else {"to-pt": ["to-pt", str(first["hf"]), "-o", str(first["root"] / "imp.pt")],
               "to-hf": ["to-hf", str(first["model"]), "-o", str(first["root"] / "imp"), "--dtype", "bf16"],
               "inspect": ["inspect", str(first["hf"])]}
     remove(first["root"] / "imp.pt")
@@ -378,8 +396,8 @@ def main() -> int:
 
 
 def report(data: dict) -> str:
-    lines = ["| direction | size | method | wall s, median (min–max) | × floor | peak RSS MB | output MB | "
-             "distinct MB | output / distinct |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| direction | size | method | wall s, median (min–max) | × floor | CPU s | peak RSS MB | output MB | "
+             "distinct MB | output / distinct |", "|---|---|---|---|---|---|---|---|---|---|"]
     bars = []
     for key, res in data.items():
         if not key.startswith("to-"):
@@ -389,7 +407,8 @@ def report(data: dict) -> str:
         for m, r in res.items():
             wall, rss = statistics.median(r["wall"]), statistics.median(r["rss"])
             total, distinct, _ = r.get("bytes", (0, 0, 0))
-            lines.append(f"| {direction} | {size} | {m} | {fmt_range(r['wall'])} | {wall / floor:.2f} | {rss:,.0f} | "
+            lines.append(f"| {direction} | {size} | {m} | {fmt_range(r['wall'])} | {wall / floor:.2f} | "
+                         f"{statistics.median(r['cpu']):.2f} | {rss:,.0f} | "
                          + (f"{total / MB:,.0f} | {distinct / MB:,.0f} | {total / distinct:.3f} |" if total
                             else "– | – | – |"))
         cb = res["cosybridge"]
@@ -407,7 +426,7 @@ def report(data: dict) -> str:
             bars.append((f"{direction} RSS growth 0.5B → 1.5B ≤ largest tensor",
                          f"{growth:+,.0f} MB vs {largest / MB:,.0f} MB", growth <= largest / MB))
     st = data["startup"]
-    torch_s = st["import torch"]
+    torch_s = st.get("import torch")
     lines += ["", "| start-up | median s | × `import torch` |", "|---|---|---|"]
     for k, v in st.items():
         lines.append(f"| `{k}` | {v:.3f} | {v / torch_s:.2f} |" if v else f"| `{k}` | failed | – |")

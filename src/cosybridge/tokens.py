@@ -114,6 +114,8 @@ def base_tokenizer(blanken_dir: str | Path) -> Tokenizer:
         raise CheckpointError(f"{folder}: not a directory (expected CosyVoice's CosyVoice-BlankEN tokenizer)")
     if (folder / "tokenizer.json").is_file():
         path, text = folder / "tokenizer.json", None
+    elif (fast := _base_tokenizer_fast(folder)) is not None:
+        return fast
     else:
         vocab = _read_json(folder / "vocab.json")
         if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
@@ -126,6 +128,28 @@ def base_tokenizer(blanken_dir: str | Path) -> Tokenizer:
         return Tokenizer.from_str(text) if text is not None else Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception for a malformed file
         raise CheckpointError(f"{path}: not a valid tokenizer ({e}); restore it from the original model") from None
+
+
+def _base_tokenizer_fast(folder: Path) -> Tokenizer | None:
+    """The same tokenizer as the checked path below, with vocab.json and merges.txt parsed by the tokenizers
+    library itself (BPE.from_file): 0.3-0.4 s instead of 0.7-1.1 s for Qwen2's 151k merges, which every
+    to-hf pays. None on anything unusual (a parse error, an added token whose id the model would assign
+    differently): the checked path then builds it or names the problem line by line."""
+    from tokenizers.models import BPE
+
+    try:
+        config = _read_json(folder / "tokenizer_config.json")
+        added = _added_from_config(config, folder / "tokenizer_config.json", {})
+        tokenizer = Tokenizer.from_str(json.dumps(_qwen2_tokenizer_json({}, [], [])))
+        tokenizer.model = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                        continuing_subword_prefix="", end_of_word_suffix="")
+        for entry in sorted(added, key=lambda e: e["id"]):  # ids are assigned in order: checked below
+            tokenizer.add_tokens([AddedToken(entry["content"], **{k: entry[k] for k in _TOKEN_FLAGS})])
+    except Exception:  # noqa: BLE001 - the checked path reports whatever is wrong
+        return None
+    if _added_ids(tokenizer) != {e["content"]: e["id"] for e in added}:
+        return None
+    return tokenizer
 
 
 def _add_family_tokens(tokenizer: Tokenizer, family: Family, speech_token_size: int | None) -> Tokenizer:
