@@ -5,7 +5,7 @@ torch is imported once, and interrupt them while they write.
 
 Each run: {"argv": [...], "watch": DIR, "stderr": FILE, and optionally
   "signal": "KILL"|"TERM"|"INT"   sent once a `.partial` appears in DIR, after "delay" seconds, or after a
-                                  random fraction of the write time of the run named in "delay_of";
+                                  random fraction (up to 0.7) of the write time of the run named in "delay_of";
   "freeze": true                  SIGSTOP first, check the child is still mid-write, signal, SIGCONT, so the
                                   signal lands inside the write for certain;
   "fsize": BYTES                  RLIMIT_FSIZE for the child (what `ulimit -f` sets);
@@ -97,7 +97,9 @@ def run_one(run: dict, write_seconds: dict, rng: random.Random) -> dict:
             seen = now
             delay = run.get("delay", 0.0)
             if "delay_of" in run:
-                delay = rng.uniform(0.0, 1.0) * write_seconds.get(run["delay_of"], 0.5)
+                # within the first 70% of the measured write, so a run a little faster than the first still
+                # meets the kill mid-write
+                delay = rng.uniform(0.0, 0.7) * write_seconds.get(run["delay_of"], 0.5)
             deadline = now + delay
         if sig is not None and sent is None and seen is not None and now >= deadline:
             if run.get("freeze"):

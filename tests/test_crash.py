@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, SRC, copy_tree, tree_bytes
 
-KILL_TO_PT, KILL_INSTALL, KILL_TO_HF = 6, 5, 1
+KILL_TO_PT, KILL_INSTALL, KILL_TO_HF = 5, 4, 1
 MB = 1 << 20
 
 

@@ -144,7 +144,7 @@ def _expect_only_checkpoint_error(data: bytes, what: str) -> None:
     _count(what)
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=600)
 @given(edits=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6),
        cut=st.one_of(st.none(), st.integers(0, len(VALID))), tail=st.binary(max_size=16))
 def test_mutated_safetensors_raise_only_checkpoint_error(edits, cut, tail):
@@ -165,7 +165,7 @@ ENTRY = st.fixed_dictionaries({
 }) | JUNK
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=300)
 @given(header=st.dictionaries(st.text(max_size=6) | st.just("__metadata__"), ENTRY, max_size=5),
        body=st.binary(max_size=200), pad=st.integers(0, 9))
 def test_invented_headers_raise_only_checkpoint_error(header, body, pad):
