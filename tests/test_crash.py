@@ -30,7 +30,8 @@ def _unshare_works(tmp: Path) -> bool:
     probe = tmp / "probe"
     probe.mkdir()
     try:
-        proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {probe}"],
+        proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {probe} && "
+                               f"mount --bind {tmp} {tmp} && mount -o remount,bind,ro {tmp}"],
                               capture_output=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return False
