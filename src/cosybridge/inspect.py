@@ -7,7 +7,6 @@ inspect must answer in seconds on a machine without a GPU stack.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 from .errors import CheckpointError
@@ -18,8 +17,6 @@ from .keyset import compare_keys, expected_pt_shapes
 from .modeldir import BLANKEN, LLM_PT, read_json, read_model_dir
 from .plan import DECODER_B, DECODER_W, LLM_EMB, PT_EMBED, PT_HEAD, SPEECH_EMB
 from .sides import detect, family_tokenizer, not_cosyvoice
-
-log = logging.getLogger(__name__)
 
 
 def inspect_path(path: str, *, scan: bool = True) -> dict:
@@ -84,8 +81,6 @@ def _native(path: str, md, scan: bool) -> dict:
         report = new_report(path, fmt, "cosyvoice", fam, size)
         if pt.notes:
             report["training"] = {"wrapper": pt.wrapper, "notes": list(pt.notes)}
-            for note in pt.notes:
-                log.info("%s: %s", pt_path, note)
             warn(report, "training_entries",
                 f"{pt_path}: {'; '.join(pt.notes)}. CosyVoice's strict load fails on this file; cosybridge "
                 "handles it (`cosybridge to-hf`, then `to-pt` gives a clean llm.pt)")

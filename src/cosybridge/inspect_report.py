@@ -44,10 +44,9 @@ def warn(report: dict, code: str, message: str) -> None:
 
 
 def token_ids(layout: TokenLayout, vocab_rows: int | None = None) -> dict:
-    d = {k: v for k, v in layout.as_dict().items() if k in TOKEN_KEYS}
-    d["vocab_size"] = vocab_rows if vocab_rows is not None else layout.vocab_size
+    d = {**layout.as_dict(), "vocab_size": vocab_rows if vocab_rows is not None else layout.vocab_size}
     d["padding_rows"] = d["vocab_size"] - layout.tokenizer_len
-    return d
+    return {k: d[k] for k in TOKEN_KEYS}
 
 
 GROUP_ORDER = ("embed_tokens", "backbone", "lm_head", "speech_embedding", "llm_decoder", "llm_embedding",
