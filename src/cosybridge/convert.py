@@ -271,6 +271,8 @@ def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None =
             if md.family is not hd.family:
                 raise CheckpointError(f"--base {base} is {md.family.name} but {hf_dir} is {hd.family.name}")
             base_pt = PtFile(md.llm_pt)
+            for n in base_pt.notes:  # a training checkpoint as --base: say what was unwrapped or stripped
+                _note(report, f"{md.llm_pt}: {n}")
             base_infos = {n: base_pt.info(n) for n in base_pt.names()}
             if PT_EMBED not in base_infos:
                 raise CheckpointError(f"{md.llm_pt}: no {PT_EMBED}")

@@ -29,7 +29,8 @@ from .zipstream import ALIGN, ZipStream
 log = logging.getLogger(__name__)
 
 # Entries that training adds around a state dict (CosyVoice's train loop, DeepSpeed's epoch_N_whole).
-TRAINING_SCALARS = ("epoch", "step", "global_step", "lr", "loss")
+TRAINING_SCALARS = ("epoch", "step", "global_step", "lr", "loss",
+                    "ds_config", "ds_version")  # DeepSpeed's zero_pp_rank_*_optim_states.pt carry these
 WRAPPER_KEYS = ("module", "state_dict", "model")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "lr_scheduler", "scheduler")
 
