@@ -23,7 +23,7 @@ ENDOFPROMPT = 151646
 
 def verify(a, b, steps=5, **kw) -> dict:
     """Five greedy steps unless a test asks for more: divergence shows from the first step on."""
-    from cosybridge.verify import verify as run
+    from cosybridge.verification import verify as run
 
     return run(str(a), str(b), steps=steps, **kw)
 
@@ -137,7 +137,7 @@ def broken(hf, tmp_path, fn):
 
 
 def test_one_speech_embedding_row_changed(cv2_dir, cv2_hf, tmp_path):
-    from cosybridge.verify import prompt_speech_tokens
+    from cosybridge.verification import prompt_speech_tokens
 
     used = prompt_speech_tokens(6561)[3]  # a row the fixed prompt feeds
 
@@ -255,7 +255,7 @@ def test_cosyvoice_side_matches_the_real_qwen2lm(cv2_dir):
     input sequence as Qwen2LM.inference builds, and identical logits on the full sequence and at every greedy
     step of Qwen2Encoder.forward_one_step."""
     from cosybridge.sides import open_side
-    from cosybridge.verify import _Model, fixed_text, prompt_speech_tokens
+    from cosybridge.verification import _Model, fixed_text, prompt_speech_tokens
 
     lm = real_qwen2lm(cv2_dir)
     lm.load_state_dict(torch.load(cv2_dir / "llm.pt", weights_only=True), strict=True)

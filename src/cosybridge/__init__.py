@@ -4,8 +4,8 @@
     report = to_hf("pretrained_models/CosyVoice2-0.5B", "cosyvoice2_hf")
     report = to_pt("checkpoints/global_step_400/merged_hf_model", "llm.pt")
 
-Each function returns a Report (tensors, bytes, seconds, layout, notes) and raises CheckpointError for bad
-input. Names load lazily so `import cosybridge` (and `cosybridge --help`) does not import torch.
+The converters return a Report (tensors, bytes, seconds, layout, notes); inspect_path(path) and
+verify(a, b) return the dicts that `--json` prints. All raise CheckpointError for bad input. Names load lazily so `import cosybridge` (and `cosybridge --help`) does not import torch.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "to_hf": "convert", "to_pt": "convert", "Report": "convert",
     "to_vllm": "vllm_export",
-    "inspect": "inspect", "verify": "verify",
+    "inspect_path": "inspect", "verify": "verification",
 }
 __all__ = ["CheckpointError", *_LAZY]
 

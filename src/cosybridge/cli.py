@@ -138,7 +138,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_verify(args) -> int:
     import json
 
-    from .verify import render, verify
+    from .verification import render, verify
 
     result = verify(args.a, args.b, steps=args.steps, tolerance=args.tolerance)
     print(json.dumps(result, indent=2) if args.json else render(result))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,10 +35,18 @@ def compare_pt(a_path: str, b_path: str) -> tuple[int, float, bool]:
 
 
 def run_demo(keep: str | None = None, families: tuple[str, ...] = ("cosyvoice2", "cosyvoice3")) -> int:
-    from .convert import to_hf, to_pt
-
     root = keep or tempfile.mkdtemp(prefix="cosybridge-demo-")
     os.makedirs(root, exist_ok=True)
+    try:
+        return _run(root, families, keep is not None)
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(root: str, families: tuple[str, ...], kept: bool) -> int:
+    from .convert import to_hf, to_pt
+
     rows, ok = [], True
     for name in families:
         fam = FAMILIES[name]
@@ -61,25 +70,31 @@ def run_demo(keep: str | None = None, families: tuple[str, ...] = ("cosyvoice2",
             ("  round trip", n, "", None,
              f"max |diff| {worst:g}, " + ("bit-identical" if same else "NOT IDENTICAL")),
         ]
-        verdict = _verify(src, os.path.join(base, "hf"))
+        verdict = _verify(model, os.path.join(base, "hf"))
         if verdict:
-            rows.append(("  verify pt vs hf", None, "", verdict[0], verdict[1]))
+            rows.append(("  verify llm.pt vs hf", None, "", verdict[0], verdict[1]))
             ok &= verdict[2]
     out = sys.stdout
     out.write(f"{'step':<26}{'tensors':>8}{'bytes':>11}{'time':>9}  result\n")
     for step, n, size, secs, result in rows:
         out.write(f"{step:<26}{'' if n is None else n:>8}{size:>11}"
                   f"{'' if secs is None else f'{secs:.2f} s':>9}  {result}\n")
-    out.write(f"files in {root}\n")
+    out.write(f"files kept in {root}\n" if kept else "(pass --keep DIR to keep the files)\n")
     return 0 if ok else 1
 
 
-def _verify(pt_path: str, hf_dir: str):
-    """(seconds, summary, passed) from `verify`, or None where transformers is not installed."""
+def _verify(model_dir: str, hf_dir: str):
+    """(seconds, summary, passed) from `verify` (real forward passes), or None without transformers."""
     try:
-        from .verify import verify
+        import transformers  # noqa: F401
     except ImportError:
         return None
+    from .verification import verify
+
     t = time.perf_counter()
-    result = verify(os.path.dirname(pt_path), hf_dir)
-    return time.perf_counter() - t, result.summary(), result.passed
+    r = verify(model_dir, hf_dir)
+    g = r["greedy"] or {}
+    summary = (f"max |Δ logit| {r['logits']['max_abs_diff']:g}, top-1 {r['top1']['agree']}/{r['top1']['of']}, "
+               f"greedy {g.get('steps', 0) if g.get('equal') else 'differs'}/{g.get('steps', 0)} equal"
+               if r["logits"] else "; ".join(r["reasons"]))
+    return time.perf_counter() - t, summary, r["equivalent"]
