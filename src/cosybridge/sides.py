@@ -69,9 +69,9 @@ def family_tokenizer(blanken: str, family: Family):
 
 @functools.lru_cache(maxsize=8)
 def _family_tokenizer(digest: str, blanken: str, family: str):
-    from .tokens import _add_family_tokens, base_tokenizer
+    from .tokens import family_tokenizer
 
-    return _add_family_tokens(base_tokenizer(blanken), FAMILIES[family], None)
+    return family_tokenizer(blanken, FAMILIES[family])
 
 
 @dataclass

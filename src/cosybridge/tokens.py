@@ -152,7 +152,10 @@ def _base_tokenizer_fast(folder: Path) -> Tokenizer | None:
     return tokenizer
 
 
-def _add_family_tokens(tokenizer: Tokenizer, family: Family, speech_token_size: int | None) -> Tokenizer:
+def family_tokenizer(blanken_dir: str | Path, family: Family, speech_token_size: int | None = None) -> Tokenizer:
+    """BlankEN plus the family's special tokens (what CosyVoice's own tokenizer class encodes text with),
+    and, given a speech_token_size, the speech tokens of the merged HF layout."""
+    tokenizer = base_tokenizer(blanken_dir)
     # transformers' add_special_tokens: strings become AddedToken(special=True, normalized=False)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in family.special_tokens])
     if speech_token_size is not None:
@@ -164,7 +167,7 @@ def _add_family_tokens(tokenizer: Tokenizer, family: Family, speech_token_size: 
 
 def speech_offset(blanken_dir: str | Path, family: Family) -> int:
     """Id of <|s_0|>: len(BlankEN tokenizer + the family's special tokens). Writes nothing."""
-    return _add_family_tokens(base_tokenizer(blanken_dir), family, None).get_vocab_size(with_added_tokens=True)
+    return family_tokenizer(blanken_dir, family).get_vocab_size(with_added_tokens=True)
 
 
 def _added_ids(tokenizer: Tokenizer) -> dict[str, int]:
@@ -318,7 +321,7 @@ def build_hf_tokenizer(blanken_dir: str | Path, family: Family, speech_token_siz
     """BlankEN + the family's tokens, checked against its layout; built once (about 0.7 s for the real
     vocabulary), so a converter learns <|s_0|>'s id from it before writing anything and writes it later."""
     blanken = Path(blanken_dir)
-    tokenizer = _add_family_tokens(base_tokenizer(blanken), family, speech_token_size)
+    tokenizer = family_tokenizer(blanken, family, speech_token_size)
     offset, length = _check_layout(tokenizer, family, speech_token_size, blanken)
     config_path = blanken / "tokenizer_config.json"
     blanken_config = _read_json(config_path) if config_path.is_file() else {}
