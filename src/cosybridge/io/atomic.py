@@ -129,6 +129,26 @@ def atomic_file(path: str):
         raise
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE), so a --force replacement never leaves
+    the target missing; False where the kernel, libc or file system lacks it (then two renames)."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str):
     """Yield a temporary directory beside `path`; on success it replaces `path` in one rename."""
@@ -148,6 +168,10 @@ def atomic_dir(path: str):
                 os.close(fd)
         os.chmod(tmp, 0o777 & ~_UMASK)
         fsync_dir(tmp)
+        if os.path.lexists(path) and _exchange(tmp, path):
+            fsync_dir(parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous output
+            return
         old = None
         if os.path.lexists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
