@@ -184,10 +184,6 @@ def child_upstream_to_pt(hf_dir: str, out: str) -> None:
     torch.save(state, out)
 
 
-CHILDREN = {"floor": child_floor, "plain-to-pt": child_plain_to_pt, "plain-to-hf": child_plain_to_hf,
-            "upstream-to-pt": child_upstream_to_pt}
-
-
 # ---- measuring -----------------------------------------------------------------------------------------
 
 def run(cmd: list[str]) -> tuple[float, float, float]:
@@ -257,17 +253,25 @@ def weight_bytes(path: Path) -> tuple[int, int, int]:
     return total, distinct, largest
 
 
-def build_fixtures(size: str) -> dict[str, Path]:
+def child_build(size: str, model: str) -> None:
     from cosybridge.synth import QWEN25_05B, QWEN25_15B, build_model_dir
 
-    dims = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}[size]
+    build_model_dir(model, "cosyvoice2", {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}[size], dtype="F32")
+
+
+def child_bytes(path: str) -> None:
+    print(json.dumps(weight_bytes(Path(path))))
+
+
+def build_fixtures(size: str) -> dict[str, Path]:
+    """In child processes: this one stays small, since a child's peak RSS counts its parent's at fork."""
     root = OUT / size
     model, hf = root / "model", root / "hf_bf16"
     if not (model / ".complete").exists():
         remove(model)
         root.mkdir(parents=True, exist_ok=True)
         print(f"building {model} (fp32) ...", file=sys.stderr)
-        build_model_dir(str(model), "cosyvoice2", dims, dtype="F32")
+        subprocess.run([PY, __file__, "--child", "build", size, str(model)], env=ENV, check=True)
         (model / ".complete").touch()
     if not hf.exists():
         print(f"building {hf} (bf16) ...", file=sys.stderr)
@@ -302,12 +306,12 @@ def bench_direction(direction: str, fx: dict, runs: int, methods: list[str]) -> 
         "plain": [PY, __file__, "--child", f"plain-{direction}", str(src), str(outs.get("plain"))],
         "upstream": [PY, __file__, "--child", f"upstream-{direction}", str(src), str(outs.get("upstream"))],
     }
-    warm(src)
     results = {m: {"wall": [], "rss": [], "cpu": []} for m in methods}
     out_bytes = None
     for i in range(runs):
         for m in methods:
             remove(outs[m])
+            warm(src)  # this VM pages out idle page cache within seconds (DAMON): re-read before every run
             cmd = cmds.get(m) or [PY, __file__, "--child", "floor", str(src), str(outs[m]), str(out_bytes),
                                   "durable" if m == "floor-durable" else ""]
             wall, rss, cpu = run(cmd)
@@ -316,9 +320,11 @@ def bench_direction(direction: str, fx: dict, runs: int, methods: list[str]) -> 
             results[m]["cpu"].append(cpu)
             if m == "cosybridge" and out_bytes is None:
                 out_bytes = tree_bytes(outs[m])
-            if i == 0 and m != "floor":
-                results[m]["bytes"] = weight_bytes(outs[m])
-            if i < runs - 1 or m == "floor":
+            if i == 0 and not m.startswith("floor"):
+                results[m]["bytes"] = json.loads(subprocess.run(
+                    [PY, __file__, "--child", "bytes", str(outs[m])], env=ENV, capture_output=True, text=True,
+                    check=True).stdout)
+            if i < runs - 1 or m.startswith("floor"):
                 remove(outs[m])
             print(f"  {direction} {fx['root'].name} {m:10s} run {i + 1}: {wall:6.2f} s  {rss:7.0f} MB  "
                   f"cpu {cpu:5.2f} s",
@@ -335,6 +341,7 @@ def startup(fx: dict, runs: int) -> dict:
     times = {k: [] for k in cmds}
     for _ in range(runs):
         for k, c in cmds.items():
+            warm(fx["hf"])
             try:
                 times[k].append(run(c)[0])
             except RuntimeError as e:
@@ -347,13 +354,17 @@ def fmt_range(v: list[float]) -> str:
     return f"{statistics.median(v):.2f} ({min(v):.2f}–{max(v):.2f})"
 
 
+CHILDREN = {"floor": child_floor, "plain-to-pt": child_plain_to_pt, "plain-to-hf": child_plain_to_hf,
+            "upstream-to-pt": child_upstream_to_pt, "build": child_build, "bytes": child_bytes}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sizes", default="0.5b,1.5b")
     p.add_argument("--directions", default="to-pt,to-hf")
     p.add_argument("--methods", default="cosybridge,floor,floor-durable,plain,upstream",
-                   help="plain and upstream run at 0.5B only")
+                   help="floor-durable, plain and upstream run at 0.5B only")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     p.add_argument("--quick", action="store_true", help="skip the start-up and import checks")
@@ -362,22 +373,23 @@ def main() -> int:
         CHILDREN[args.child[0]](*args.child[1:])
         return 0
 
-    sys.path.insert(0, str(REPO / "src"))
+    assert "torch" not in sys.modules  # see build_fixtures
     sizes = args.sizes.split(",")
     load0 = os.getloadavg()
     t_start = time.time()
     fixtures = {s: build_fixtures(s) for s in sizes}
-    data: dict = {"runs": args.runs, "sizes": sizes}
+    data: dict = {"runs": args.runs, "sizes": sizes, "startup": {}}
     for size in sizes:
         fx = fixtures[size]
+        if size == sizes[0] and not args.quick:  # first, while nothing else competes for the page cache
+            data["startup"] = startup(fx, max(args.runs, 5))
         for direction in args.directions.split(","):
-            methods = [m for m in args.methods.split(",") if m in ("cosybridge", "floor", "floor-durable")
-                       # whole-model approaches at 1.5B need ~10 GB; they would only add noise for the others
-                       or size == "0.5b" and (m == "plain" or m == "upstream" and direction == "to-pt")]
+            # at 1.5B only what the bars need (RSS growth) and the floor: whole-model approaches need ~10 GB
+            methods = [m for m in args.methods.split(",") if m in ("cosybridge", "floor") or size == "0.5b"
+                       and (m in ("floor-durable", "plain") or m == "upstream" and direction == "to-pt")]
             methods.sort(key=lambda m: m != "cosybridge")  # first: the floor writes as many bytes as it did
             data[f"{direction} {size}"] = bench_direction(direction, fx, args.runs, methods)
     first = fixtures[sizes[0]]
-    data["startup"] = startup(first, max(args.runs, 5)) if not args.quick else {}
     probes = {} if args.quick else {"to-pt": ["to-pt", str(first["hf"]), "-o", str(first["root"] / "imp.pt")],
               "to-hf": ["to-hf", str(first["model"]), "-o", str(first["root"] / "imp"), "--dtype", "bf16"],
               "inspect": ["inspect", str(first["hf"])]}

@@ -232,3 +232,21 @@ def test_fast_tokenizer_build_equals_the_checked_one(cv2_dir, monkeypatch):
     assert fast.to_str(pretty=True) == checked.to_str(pretty=True)
     text = "Hello, world! 你好 <|endoftext|> 123"
     assert fast.encode(text).ids == checked.encode(text).ids
+
+
+def test_one_thread_restores_torch_threads_whatever_the_order():
+    """Conversions hold torch at one thread (memory-bound copies); interleaved holders (generators of two
+    tensors, two threads) restore the caller's setting only when the last one is done."""
+    original = torch.get_num_threads()
+    torch.set_num_threads(3)  # whatever this machine has: a count one_thread must give back
+    try:
+        a, b = stream.one_thread(), stream.one_thread()
+        a.__enter__()
+        b.__enter__()
+        assert torch.get_num_threads() == 1
+        a.__exit__(None, None, None)  # the first out is not the last
+        assert torch.get_num_threads() == 1
+        b.__exit__(None, None, None)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(original)

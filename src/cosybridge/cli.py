@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", "--output-path", dest="output", metavar="OUT",
                     help="the llm.pt to write; with several HF_DIRs (or OUT an existing directory or ending "
                          "in /), the directory to write them to")
-    sp.add_argument("-j", "--jobs", type=_positive_int, default=1,
+    sp.add_argument("-j", "--jobs", type=_positive_int, default=1, metavar="N",
                     help="with several HF_DIRs, convert up to N at once in worker processes (default 1; "
                          "each holds ~300 MB, and more than the number of cores rarely helps)")
     sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,

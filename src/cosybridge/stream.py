@@ -7,6 +7,7 @@ to one thread: copies are memory-bound, so extra threads only wait for a core (1
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 from .io.dtypes import DTYPE_SIZES, to_torch
@@ -17,17 +18,28 @@ from .plan import Fill, OutTensor, Rows
 CHUNK_BYTES = 16 << 20
 
 
+_threads_lock = threading.Lock()
+_threads_held = [0, 1]  # [entries still inside one_thread, torch's thread count before the first]
+
+
 @contextlib.contextmanager
 def one_thread():
-    """torch at one intra-op thread while bytes move, restored after (it is process-wide)."""
+    """torch at one intra-op thread while bytes move. The setting is process-wide, so it is counted: the
+    first to enter sets it, the last to leave restores it, whatever threads or generators interleave."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _threads_lock:
+        if _threads_held[0] == 0:
+            _threads_held[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_held[0] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _threads_lock:
+            _threads_held[0] -= 1
+            if _threads_held[0] == 0:
+                torch.set_num_threads(_threads_held[1])
 
 
 def tensor_chunks(source, out: OutTensor, chunk_bytes: int | None = None) -> Iterator:
