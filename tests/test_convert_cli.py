@@ -268,7 +268,7 @@ def test_existing_output_needs_force_with_upstreams_flag_names(command, cv2_dir,
     ["to-hf", "-o", "{out}"],                                                        # no MODEL_DIR
     ["to-hf", "{model}", "--pretrained-cosyvoice2-path", "{model}", "-o", "{out}"],  # two MODEL_DIRs
     ["to-pt", "-o", "{out}"],                                                        # no HF_DIR
-    ["to-pt", "{hf}", "{hf}", "-o", "{out}"],                                        # two HF_DIRs
+    ["to-pt", "{hf}", "{hf}", "-o", "{out}"],                                        # the same HF_DIR twice
     ["to-pt", "{hf}", "--hf-cosyvoice2-llm-path", "{hf}", "-o", "{out}"],
     ["to-pt", "{hf}", "-o", "{out}", "--dtype", "fp8"],
     ["to-hf", "{model}", "-o", "{out}", "--family", "cosyvoice1"],

@@ -276,6 +276,9 @@ def _normalise(p: argparse.ArgumentParser, args) -> None:
             args.hf_dirs.append(args.hf_dir_alias)
         if not args.hf_dirs:
             p.error("to-pt needs an HF_DIR (or --hf-cosyvoice2-llm-path)")
+        real = [os.path.realpath(d) for d in args.hf_dirs]
+        if len(set(real)) != len(real):
+            p.error("to-pt: the same HF_DIR is given twice; give each once")
         if bool(args.output) == bool(args.install_into):
             p.error("to-pt needs exactly one of -o OUT and --install-into MODEL_DIR")
         if args.install_into and (len(args.hf_dirs) > 1 or args.force):
