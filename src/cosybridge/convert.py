@@ -124,8 +124,10 @@ def read_native(model_dir: str, family: str = "auto"):
         hint = (f"; llm.pt is a {other[0].name} checkpoint but {os.path.basename(md.yaml_path)} names "
                 f"{md.llm.lm_class}" if other else "")
         pt.close()
+        fix = (f"use the {other[0].yaml_name} that came with this llm.pt" if other else
+               "use the yaml and CosyVoice-BlankEN/ that came with this llm.pt")
         raise CheckpointError(f"{md.llm_pt} does not match {os.path.basename(md.yaml_path)} + "
-                              f"CosyVoice-BlankEN/config.json{hint}: " + "; ".join(report.lines(4)))
+                              f"CosyVoice-BlankEN/config.json{hint} ({'; '.join(report.lines(4))}); {fix}")
     return md, pt, infos
 
 
@@ -269,7 +271,8 @@ def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None =
         if base:
             md = read_model_dir(base)
             if md.family is not hd.family:
-                raise CheckpointError(f"--base {base} is {md.family.name} but {hf_dir} is {hd.family.name}")
+                raise CheckpointError(f"--base {base} is {md.family.name} but {hf_dir} is {hd.family.name}; "
+                                      f"pass the {hd.family.name} model directory this checkpoint was trained from")
             base_pt = PtFile(md.llm_pt)
             for n in base_pt.notes:  # a training checkpoint as --base: say what was unwrapped or stripped
                 _note(report, f"{md.llm_pt}: {n}")
