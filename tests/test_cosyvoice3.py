@@ -58,6 +58,7 @@ def test_config_generation_and_metadata(cv3_hf):
     assert gen["eos_token_id"] == list(range(151924 + 6561, 151924 + 6761))
     assert meta["speech_token_offset"] == 151924 and meta["embedding_size"] == S
     assert meta["padded_vocab_size"] == 158720 and meta["eos_token_id"] == 158486
+    assert meta["original_vocab_size"] == 151646   # len(BlankEN tokenizer): Qwen2's 151643 + 3 specials
 
 
 def test_merged_rows(cv3_dir, cv3_hf):

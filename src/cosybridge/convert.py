@@ -179,7 +179,7 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
             _write_json(os.path.join(tmp, "generation_config.json"), _generation_config(md.qwen_config, layout))
             tokenizer.write(tmp)
             if fam.name == "cosyvoice3":
-                _write_json(os.path.join(tmp, CV3_METADATA), _cv3_metadata(layout, out_dtype))
+                _write_json(os.path.join(tmp, CV3_METADATA), _cv3_metadata(layout, out_dtype, tokenizer.base_len))
         report.tensors = len(model.tensors) + len(side.tensors)
     _report_nonfinite(report, check)
     progress.close()
@@ -224,9 +224,9 @@ def _generation_config(qwen: dict, layout: TokenLayout) -> dict:
             **layout.family.generation}
 
 
-def _cv3_metadata(layout: TokenLayout, dtype: str) -> dict:
+def _cv3_metadata(layout: TokenLayout, dtype: str, blanken_len: int) -> dict:
     """The keys upstream's convert_cosyvoice3_to_hf.py writes, so TRT-LLM runtimes read ours unchanged."""
-    return {"original_vocab_size": None, "text_vocab_size": layout.speech_offset,
+    return {"original_vocab_size": blanken_len, "text_vocab_size": layout.speech_offset,
             "base_speech_token_size": layout.speech_token_size, "embedding_size": layout.speech_rows,
             "padded_vocab_size": layout.vocab_size, "eos_token_id": layout.eos_id,
             "speech_token_offset": layout.speech_offset, "dtype": torch_name(dtype)}

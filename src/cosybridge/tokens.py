@@ -155,7 +155,10 @@ def _base_tokenizer_fast(folder: Path) -> Tokenizer | None:
 def family_tokenizer(blanken_dir: str | Path, family: Family, speech_token_size: int | None = None) -> Tokenizer:
     """BlankEN plus the family's special tokens (what CosyVoice's own tokenizer class encodes text with),
     and, given a speech_token_size, the speech tokens of the merged HF layout."""
-    tokenizer = base_tokenizer(blanken_dir)
+    return add_family_tokens(base_tokenizer(blanken_dir), family, speech_token_size)
+
+
+def add_family_tokens(tokenizer: Tokenizer, family: Family, speech_token_size: int | None = None) -> Tokenizer:
     # transformers' add_special_tokens: strings become AddedToken(special=True, normalized=False)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in family.special_tokens])
     if speech_token_size is not None:
@@ -297,6 +300,7 @@ class MergedTokenizer:
     speech_offset: int
     tokenizer_len: int
     files: dict                     # file name → bytes, or the Path of a BlankEN file copied as is
+    base_len: int = 0               # len(BlankEN tokenizer), upstream's "original_vocab_size"
 
     def write(self, out_dir: str | Path) -> dict:
         """Each file appears complete or not at all; returns {"speech_offset", "tokenizer_len"}."""
@@ -321,7 +325,9 @@ def build_hf_tokenizer(blanken_dir: str | Path, family: Family, speech_token_siz
     """BlankEN + the family's tokens, checked against its layout; built once (about 0.7 s for the real
     vocabulary), so a converter learns <|s_0|>'s id from it before writing anything and writes it later."""
     blanken = Path(blanken_dir)
-    tokenizer = family_tokenizer(blanken, family, speech_token_size)
+    tokenizer = base_tokenizer(blanken)
+    base_len = tokenizer.get_vocab_size(with_added_tokens=True)
+    add_family_tokens(tokenizer, family, speech_token_size)
     offset, length = _check_layout(tokenizer, family, speech_token_size, blanken)
     config_path = blanken / "tokenizer_config.json"
     blanken_config = _read_json(config_path) if config_path.is_file() else {}
@@ -340,7 +346,7 @@ def build_hf_tokenizer(blanken_dir: str | Path, family: Family, speech_token_siz
             pairs = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
             files[name] = ("#version: 0.2\n" + "".join(p + "\n" for p in pairs)).encode()
     files["tokenizer.json"] = tokenizer.to_str(pretty=True).encode()
-    return MergedTokenizer(family, blanken, offset, length, files)
+    return MergedTokenizer(family, blanken, offset, length, files, base_len)
 
 
 def write_hf_tokenizer(blanken_dir: str | Path, out_dir: str | Path, family: Family, speech_token_size: int) -> dict:
