@@ -18,9 +18,10 @@ fresh process, interleaved run by run so that load from other users spreads over
              mmap), built with torch.cat and saved with torch.save / save_file (weights only: no tokenizer)
   upstream   (to-pt) the semantics of CosyVoice's huggingface_to_pretrained.py: transformers' AutoTokenizer
              for the <|s_0|> id, safe_open().get_tensor per use, slices saved with their whole storage
-Wall time and peak RSS (ru_maxrss of the child via os.wait4) are medians of --runs; inputs are read once
-before timing (warm page cache). Output bytes are the weight files; "distinct" counts tensor bytes once
-however many names or views share them.
+Wall time, CPU time and peak RSS (ru_maxrss of the child via os.wait4) are medians of --runs; inputs are
+re-read before every run (warm page cache). Output bytes are the weight files; "distinct" counts tensor
+bytes once however many names or views share them. Needs ~20 GB of disk (fixtures 13 GB, kept between runs;
+delete bench/out/ when done) and ~15 minutes on 2 cores; --sizes 0.5b needs 4 GB and ~5 minutes.
 """
 from __future__ import annotations
 
