@@ -40,8 +40,10 @@ FAMILIES = ["cosyvoice2", "cosyvoice3"]
 
 
 def inspect(path, **kw) -> dict:
+    """inspect --scan: these tests check the NaN/Inf counts too (plain inspect reads headers only)."""
     from cosybridge.inspect import inspect_path
 
+    kw.setdefault("scan", True)
     return inspect_path(str(path), **kw)
 
 
@@ -144,6 +146,9 @@ def test_nonfinite_values_counted_per_tensor(cv2_dir, cv2_hf, tmp_path):
     assert r["nonfinite"]["tensors"] == {name: 2} and codes(r) == ["nonfinite"]
     r = inspect(d, scan=False)
     assert r["nonfinite"]["checked"] is False and r["warnings"] == []
+    from cosybridge.inspect import inspect_path
+
+    assert inspect_path(str(d))["nonfinite"]["checked"] is False   # plain inspect reads headers only
     # HF lm_head.bias: its -inf text mask is expected, a NaN in a speech row is not
     hf = copy_tree(cv2_hf, tmp_path / "hf")
     edit_safetensors(hf / "model.safetensors", lambda t: t["lm_head.bias"].__setitem__(FACTS["cosyvoice2"]["s0"] + 5,

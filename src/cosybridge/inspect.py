@@ -1,8 +1,8 @@
 """`cosybridge inspect`: what a CosyVoice LLM checkpoint is, and what will trip CosyVoice or a serving engine.
 
 Detection reads file names, JSON and tensor headers only; tensor data is read for the tied-lm_head check,
-fingerprints (first and last row of each tensor) and the inf/NaN scan, which `scan=False` (--no-scan)
-skips. The report is a plain dict (inspect_report.py); `render` turns it into text. No transformers here:
+fingerprints (first and last row of each tensor) and, only when asked (`scan=True`, --scan), the inf/NaN
+scan: reading every byte would cost more than everything else together at full size. The report is a plain dict (inspect_report.py); `render` turns it into text. No transformers here:
 inspect must answer in seconds on a machine without a GPU stack.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .plan import DECODER_B, DECODER_W, LLM_EMB, PT_EMBED, PT_HEAD, SPEECH_EMB
 from .sides import detect, family_tokenizer, not_cosyvoice
 
 
-def inspect_path(path: str, *, scan: bool = True) -> dict:
+def inspect_path(path: str, *, scan: bool = False) -> dict:
     """The report for any supported checkpoint; CheckpointError for anything else."""
     path = str(path)
     kind = detect(path)

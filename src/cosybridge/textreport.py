@@ -52,7 +52,7 @@ def render_inspect(r: dict) -> str:
     lines.append(_row("", f"{'total':<17}{'':>15}{_size(r['total_bytes']):>10}"))
     nf = r["nonfinite"]
     if not nf["checked"]:
-        values = "not scanned (--no-scan)"
+        values = "not scanned (pass --scan to count NaN/Inf)"
     elif nf["tensors"]:
         values = f"inf/NaN in {len(nf['tensors'])} tensor(s)"
     else:
