@@ -8,7 +8,6 @@ import sys
 import tempfile
 import time
 
-from .families import FAMILIES
 from .synth import TINY, build_model_dir
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ def _run(root: str, families: tuple[str, ...], kept: bool) -> int:
 
     rows, ok = [], True
     for name in families:
-        fam = FAMILIES[name]
         base = os.path.join(root, name)
         t = time.perf_counter()
         model = build_model_dir(os.path.join(base, "model"), name, TINY)

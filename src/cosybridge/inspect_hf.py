@@ -9,7 +9,7 @@ from .families import FAMILIES, QWEN2_EMBED_ROWS, SPEECH_TOKEN_SIZE, Family, Tok
 from .hfdir import SIDECAR, fingerprint, read_hf_dir
 from .inspect_report import DIMS, add_groups, new_report, scan_nonfinite, shapes_warning, token_ids, warn
 from .io.sharded import INDEX, HFWeights
-from .keyset import compare_keys, qwen2_shapes
+from .keyset import hf_key_report
 from .modeldir import LLM_PT, read_json
 from .plan import DECODER_W, HF_BIAS, HF_EMBED, HF_HEAD, SPEECH_EMB
 from .sides import not_cosyvoice
@@ -23,14 +23,7 @@ def _hf_group(name: str) -> str:
 
 def _hf_checks(report: dict, path: str, config: dict, infos: dict, fam: Family, *, speech_only: bool) -> None:
     """Weights against config.json, and what transformers / vLLM will do with lm_head.bias."""
-    found = {n: i.shape for n, i in infos.items() if n != HF_BIAS}
-    try:
-        expected = qwen2_shapes(config)
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}/config.json: missing or invalid {e} for a Qwen2 model") from None
-    if HF_HEAD not in infos and config.get("tie_word_embeddings"):
-        expected.pop(HF_HEAD)
-    shapes_warning(report, f"{path}: weights vs config.json", compare_keys(found, expected))
+    shapes_warning(report, f"{path}: weights vs config.json", hf_key_report(path, config, infos))
     report["backbone"].update({k: config.get(k) for k in DIMS})
     report["lm_head_bias"] = HF_BIAS in infos
     report["tied_embeddings"] = HF_HEAD not in infos or bool(config.get("tie_word_embeddings"))

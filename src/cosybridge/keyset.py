@@ -92,6 +92,20 @@ class KeyReport:
                 "mismatched": [{"key": n, "checkpoint": list(f), "model": list(w)} for n, f, w in self.mismatched]}
 
 
+def hf_key_report(path: str, config: dict, infos: dict) -> KeyReport:
+    """An HF directory's weights against transformers' strict Qwen2 key set for its config.json
+    (lm_head.bias aside: only CosyVoice reads it; lm_head.weight optional when tied)."""
+    from .errors import CheckpointError
+
+    try:
+        expected = qwen2_shapes(config)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: missing or invalid {e} for a Qwen2 model") from None
+    if "lm_head.weight" not in infos and config.get("tie_word_embeddings"):
+        expected.pop("lm_head.weight")
+    return compare_keys({n: i.shape for n, i in infos.items() if n != "lm_head.bias"}, expected)
+
+
 def compare_keys(found: dict[str, tuple], expected: dict[str, tuple]) -> KeyReport:
     report = KeyReport(sorted(set(expected) - set(found)), sorted(set(found) - set(expected)))
     report.mismatched = [(k, tuple(found[k]), tuple(expected[k])) for k in expected

@@ -15,7 +15,7 @@ from .families import FAMILIES, PT_BACKBONE_PREFIX, SPEECH_TOKEN_SIZE, Family, T
 from .hfdir import read_hf_dir
 from .io.dtypes import FLOAT_DTYPES
 from .io.sharded import HFWeights
-from .keyset import KeyReport, compare_keys, expected_pt_shapes, qwen2_shapes
+from .keyset import KeyReport, compare_keys, expected_pt_shapes, hf_key_report
 from .modeldir import BLANKEN, LLM_PT, read_json, read_model_dir
 from .plan import DECODER_B, DECODER_W, HF_BIAS, HF_EMBED, HF_HEAD, LLM_EMB, PT_EMBED, PT_HEAD, SPEECH_EMB
 from .values import compare_rows
@@ -145,13 +145,7 @@ def _pt_side(path: str, label: str) -> Side:
 
 def _hf_keys(side: Side, infos: dict, config: dict) -> None:
     """transformers' strict Qwen2 key set for config.json (lm_head.bias aside: only CosyVoice reads it)."""
-    try:
-        expected = qwen2_shapes(config)
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{side.path}/config.json: missing or invalid {e} for a Qwen2 model") from None
-    if HF_HEAD not in infos and config.get("tie_word_embeddings"):
-        expected.pop(HF_HEAD)
-    side.keys = compare_keys({n: i.shape for n, i in infos.items() if n != HF_BIAS}, expected)
+    side.keys = hf_key_report(side.path, config, infos)
 
 
 def _hf_side(path: str, label: str) -> Side:
