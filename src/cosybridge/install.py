@@ -108,7 +108,8 @@ class Installed:
 
 
 def _swap_in(model_dir: str, staged: str, backup_name: str) -> Installed:
-    """Keep the current llm.pt under backup_name, then rename `staged` over llm.pt."""
+    """Keep the current llm.pt under backup_name, then rename `staged` (a converted file, or a backup being
+    restored) over llm.pt."""
     llm_pt = os.path.join(model_dir, LLM_PT)
     backup = os.path.join(model_dir, backup_name)
     made = None
@@ -210,19 +211,5 @@ def restore(model_dir: str) -> Restored:
     while os.path.lexists(replaced):  # restoring twice within a second: a new name, never an overwrite
         n += 1
         replaced = os.path.join(model_dir, f"{REPLACED_PREFIX}{_stamp()}-{n}")
-    made = None
-    with signals_held():
-        try:
-            if os.path.lexists(llm_pt):
-                _keep(llm_pt, replaced)
-                made = replaced
-            os.replace(latest, llm_pt)
-            fsync_dir(model_dir)
-        except BaseException as e:
-            if made:
-                with contextlib.suppress(OSError):
-                    os.unlink(made)
-            if isinstance(e, OSError):
-                raise write_error(e, llm_pt, "llm.pt was left unchanged") from None
-            raise
-    return Restored(llm_pt, latest, made, names[:-1], _warn_stale_vllm(model_dir))
+    swapped = _swap_in(model_dir, latest, os.path.basename(replaced))
+    return Restored(llm_pt, latest, swapped.backup, names[:-1], swapped.vllm_warning)
