@@ -60,7 +60,7 @@ def models(draw):
 @settings(FUZZ, max_examples=10)
 @given(m=models())
 def test_mapping_round_trips_bit_identically(m, offsets):
-    from cosybridge.convert import _NoProgress, _chunks, _lm_head_tied
+    from cosybridge.convert import NoProgress, lm_head_tied, plan_chunks
     from cosybridge.families import FAMILIES, TokenLayout
     from cosybridge.io.pt_io import PtFile, write_pt
     from cosybridge.io.safetensors_io import SafetensorsFile, write_safetensors
@@ -82,20 +82,20 @@ def test_mapping_round_trips_bit_identically(m, offsets):
         with PtFile(src) as pt:
             infos = {n: pt.info(n) for n in pt.names()}
             layout = TokenLayout(fam, off, infos[PT_EMBED].rows, m["speech_token_size"])
-            tied = _lm_head_tied(pt)
+            tied = lm_head_tied(pt)
             assert tied == m["tied"]
             model, side = plan_to_hf(infos, layout, lm_head_tied=tied)
             for path, plan in ((model_st, model), (side_st, side)):
                 with open(path, "wb") as f:
                     write_safetensors(f, [(t.name, t.dtype, t.shape) for t in plan.tensors], {"format": "pt"},
-                                      _chunks(pt, plan, _NoProgress(), strict))
+                                      plan_chunks(pt, plan, NoProgress(), strict))
         hf, sc = SafetensorsFile(model_st), SafetensorsFile(side_st)
         with hf, sc:
             plan = plan_to_pt({n: hf.info(n) for n in hf.names()}, layout,
                               sidecar={n: sc.info(n) for n in sc.names()}, sidecar_tied=tied)
             with open(back, "wb") as f:
                 write_pt(f, [(t.name, t.dtype, t.shape, t.alias_of) for t in plan.tensors],
-                         _chunks(CombinedSource(hf, sc), plan, _NoProgress(), strict))
+                         plan_chunks(CombinedSource(hf, sc), plan, NoProgress(), strict))
         assert Path(back).read_bytes() == Path(src).read_bytes()
         # the HF file as the safetensors library reads it: speech rows where the tokenizer puts them
         weights, native = load_file(model_st), torch.load(src, weights_only=True)

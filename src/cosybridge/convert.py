@@ -45,13 +45,13 @@ class Report:
                 f"({rate:,.0f} MB/s) → {self.output}")
 
 
-class _NoProgress:
+class NoProgress:
     def start(self, total: int) -> None: ...
     def update(self, n: int) -> None: ...
     def close(self) -> None: ...
 
 
-def _target_dtype(dtype: str) -> str | None:
+def target_dtype(dtype: str) -> str | None:
     if dtype in (None, "keep"):
         return None
     if dtype not in CLI_DTYPES:
@@ -59,12 +59,12 @@ def _target_dtype(dtype: str) -> str | None:
     return CLI_DTYPES[dtype]
 
 
-def _note(report: Report, msg: str) -> None:
+def note(report: Report, msg: str) -> None:
     report.notes.append(msg)
     log.info(msg)
 
 
-def _log_casts(report: Report, plan: Plan, infos: dict, target: str | None) -> None:
+def log_casts(report: Report, plan: Plan, infos: dict, target: str | None) -> None:
     if target is None:
         return
     casts: dict[str, int] = {}
@@ -75,10 +75,10 @@ def _log_casts(report: Report, plan: Plan, infos: dict, target: str | None) -> N
                 casts[infos[src].dtype] = casts.get(infos[src].dtype, 0) + 1
                 break
     for src, n in sorted(casts.items()):
-        _note(report, f"--dtype: {n} tensors cast {describe_cast(src, target)}")
+        note(report, f"--dtype: {n} tensors cast {describe_cast(src, target)}")
 
 
-def _chunks(source, plan: Plan, progress, check=None):
+def plan_chunks(source, plan: Plan, progress, check=None):
     by_name = {t.name: t for t in plan.tensors}
 
     def chunks(name):
@@ -93,7 +93,7 @@ def _chunks(source, plan: Plan, progress, check=None):
     return chunks
 
 
-def _report_nonfinite(report: Report, check) -> None:
+def report_nonfinite(report: Report, check) -> None:
     line = check.summary()
     if line:
         report.nonfinite = check.as_dict()
@@ -101,7 +101,7 @@ def _report_nonfinite(report: Report, check) -> None:
         log.warning(line)
 
 
-def _plan_bytes(plan: Plan) -> int:
+def plan_bytes(plan: Plan) -> int:
     from .io.dtypes import nbytes
     return sum(nbytes(t.dtype, t.shape) for t in plan.tensors if t.alias_of is None)
 
@@ -131,7 +131,7 @@ def read_native(model_dir: str, family: str = "auto"):
     return md, pt, infos
 
 
-def _lm_head_tied(pt: PtFile) -> bool:
+def lm_head_tied(pt: PtFile) -> bool:
     with one_thread():  # a memory-bound compare: a second thread only waits for a core
         return pt.same_values(PT_EMBED, PT_HEAD)
 
@@ -143,8 +143,8 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
     from .tokens import build_hf_tokenizer
 
     t0 = time.perf_counter()
-    progress = progress or _NoProgress()
-    target = _target_dtype(dtype)
+    progress = progress or NoProgress()
+    target = target_dtype(dtype)
     shard_limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     md, pt, infos = read_native(model_dir, family)
     with pt:
@@ -154,13 +154,13 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
         layout = TokenLayout(fam, tokenizer.speech_offset, infos[PT_EMBED].rows, md.llm.speech_token_size)
         report = Report("to-hf", model_dir, out_dir, fam.name, layout=layout.as_dict())
         for n in pt.notes:
-            _note(report, f"{md.llm_pt}: {n}")
-        tied = _lm_head_tied(pt)
+            note(report, f"{md.llm_pt}: {n}")
+        tied = lm_head_tied(pt)
         model, side = plan_to_hf(infos, layout, dtype=target, lm_head_tied=tied)
         for n in model.notes:
-            _note(report, n)
-        _log_casts(report, model, infos, target)
-        progress.start(_plan_bytes(model) + _plan_bytes(side))
+            note(report, n)
+        log_casts(report, model, infos, target)
+        progress.start(plan_bytes(model) + plan_bytes(side))
         out_dtype = model.tensors[0].dtype
         check = NonFiniteCheck(strict)
         with atomic_dir(out_dir) as tmp:
@@ -173,15 +173,15 @@ def to_hf(model_dir: str, out_dir: str, *, dtype: str = "keep", family: str = "a
                         "lm_head": "tied" if tied else "untied", "model_fingerprint": fp}
                 with open(os.path.join(tmp, SIDECAR), "wb") as f:
                     report.bytes += write_safetensors(f, [(t.name, t.dtype, t.shape) for t in side.tensors], meta,
-                                                      _chunks(pt, side, progress, check))
-            _write_json(os.path.join(tmp, "config.json"), _hf_config(md.qwen_config, layout, out_dtype,
+                                                      plan_chunks(pt, side, progress, check))
+            write_json(os.path.join(tmp, "config.json"), _hf_config(md.qwen_config, layout, out_dtype,
                                                                      DECODER_B in infos))
-            _write_json(os.path.join(tmp, "generation_config.json"), _generation_config(md.qwen_config, layout))
+            write_json(os.path.join(tmp, "generation_config.json"), _generation_config(md.qwen_config, layout))
             tokenizer.write(tmp)
             if fam.name == "cosyvoice3":
-                _write_json(os.path.join(tmp, CV3_METADATA), _cv3_metadata(layout, out_dtype, tokenizer.base_len))
+                write_json(os.path.join(tmp, CV3_METADATA), _cv3_metadata(layout, out_dtype, tokenizer.base_len))
         report.tensors = len(model.tensors) + len(side.tensors)
-    _report_nonfinite(report, check)
+    report_nonfinite(report, check)
     progress.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -192,7 +192,7 @@ def write_hf_weights(directory: str, plan: Plan, source, progress, shard_limit: 
     from .io.dtypes import nbytes
 
     shards = plan_shards([(t.name, nbytes(t.dtype, t.shape)) for t in plan.tensors], shard_limit)
-    chunks = _chunks(source, plan, progress, check)
+    chunks = plan_chunks(source, plan, progress, check)
     written = 0
     for fname, names in shards.files.items():
         wanted = set(names)
@@ -200,7 +200,7 @@ def write_hf_weights(directory: str, plan: Plan, source, progress, shard_limit: 
         with open(os.path.join(directory, fname), "wb") as f:
             written += write_safetensors(f, entries, {"format": "pt"}, chunks)
     if shards.index:
-        _write_json(os.path.join(directory, INDEX), shards.index)
+        write_json(os.path.join(directory, INDEX), shards.index)
     return written
 
 
@@ -232,7 +232,7 @@ def _cv3_metadata(layout: TokenLayout, dtype: str, blanken_len: int) -> dict:
             "speech_token_offset": layout.speech_offset, "dtype": torch_name(dtype)}
 
 
-def _write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
@@ -246,8 +246,8 @@ def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None =
     (or --base) supplies the rows the HF layout cannot hold. NaN/Inf in the weights are reported; `strict`
     refuses them."""
     t0 = time.perf_counter()
-    progress = progress or _NoProgress()
-    target = _target_dtype(dtype)
+    progress = progress or NoProgress()
+    target = target_dtype(dtype)
     # an output may sit beside --base's files (install-into stages its llm.pt there) but never on them
     check_output(out_path, [hf_dir] + (read_model_dir(base).inputs if base else []), force)
     hd = read_hf_dir(hf_dir, None if family == "auto" else family)
@@ -266,7 +266,7 @@ def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None =
                 raise CheckpointError(f"{hd.sidecar}: base_vocab_size {recorded} disagrees with config.json ({base_rows})")
             base_rows, why = recorded or base_rows, why or "the sidecar"
             if sidecar.metadata.get("model_fingerprint") not in (None, fingerprint(weights)):
-                _note(report, f"{hd.sidecar} was written for other weights (the model was trained since): "
+                note(report, f"{hd.sidecar} was written for other weights (the model was trained since): "
                               "it still holds the original's rows the HF layout cannot carry, and they are used")
         if base:
             md = read_model_dir(base)
@@ -275,11 +275,11 @@ def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None =
                                       f"pass the {hd.family.name} model directory this checkpoint was trained from")
             base_pt = PtFile(md.llm_pt)
             for n in base_pt.notes:  # a training checkpoint as --base: say what was unwrapped or stripped
-                _note(report, f"{md.llm_pt}: {n}")
+                note(report, f"{md.llm_pt}: {n}")
             base_infos = {n: base_pt.info(n) for n in base_pt.names()}
             if PT_EMBED not in base_infos:
                 raise CheckpointError(f"{md.llm_pt}: no {PT_EMBED}")
-            base_tied = _lm_head_tied(base_pt) if PT_HEAD in base_infos else True
+            base_tied = lm_head_tied(base_pt) if PT_HEAD in base_infos else True
             if not base_rows:
                 base_rows, why = base_infos[PT_EMBED].rows, f"--base {base}"
             elif base_rows != base_infos[PT_EMBED].rows:
@@ -287,23 +287,23 @@ def to_pt(hf_dir: str, out_path: str, *, dtype: str = "keep", base: str | None =
                                       f"records {base_rows}")
         if not base_rows:
             base_rows, why = default_base_rows()
-            _note(report, f"original embedding rows: {why}")
+            note(report, f"original embedding rows: {why}")
         layout = hd.layout(base_rows)
         report.layout = layout.as_dict()
         hf_infos = {n: weights.info(n) for n in weights.names()}
         plan = plan_to_pt(hf_infos, layout, dtype=target, sidecar=side_infos, sidecar_tied=side_tied,
                           base=base_infos, base_tied=base_tied)
         for n in plan.notes:
-            _note(report, n)
-        _log_casts(report, plan, {**hf_infos, **side_infos, **base_infos}, target)
+            note(report, n)
+        log_casts(report, plan, {**hf_infos, **side_infos, **base_infos}, target)
         source = CombinedSource(weights, sidecar, base_pt)
-        progress.start(_plan_bytes(plan))
+        progress.start(plan_bytes(plan))
         check = NonFiniteCheck(strict)
         with atomic_file(out_path) as f:
             report.bytes = write_pt(f, [(t.name, t.dtype, t.shape, t.alias_of) for t in plan.tensors],
-                                    _chunks(source, plan, progress, check))
+                                    plan_chunks(source, plan, progress, check))
         report.tensors = len(plan.tensors)
-        _report_nonfinite(report, check)
+        report_nonfinite(report, check)
     finally:
         for s in (weights, sidecar, base_pt):
             if s is not None:

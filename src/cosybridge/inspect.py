@@ -65,7 +65,7 @@ def _model_dir_beside(pt_path: str):
 
 
 def _native(path: str, md, scan: bool) -> dict:
-    from .convert import _lm_head_tied
+    from .convert import lm_head_tied
     from .io.pt_io import PtFile
 
     pt_path = md.llm_pt if md else path
@@ -85,7 +85,7 @@ def _native(path: str, md, scan: bool) -> dict:
                 f"{pt_path}: {'; '.join(pt.notes)}. CosyVoice's strict load fails on this file; cosybridge "
                 "handles it (`cosybridge to-hf`, then `to-pt` gives a clean llm.pt)")
         report["lm_head_bias"] = DECODER_B in infos
-        report["tied_embeddings"] = PT_HEAD not in infos or _lm_head_tied(pt)
+        report["tied_embeddings"] = PT_HEAD not in infos or lm_head_tied(pt)
         report["backbone"].update(_dims_from_shapes(infos))
         if md:
             report["backbone"].update({k: md.qwen_config.get(k) for k in DIMS})

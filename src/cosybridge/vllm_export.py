@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from .convert import (Report, _NoProgress, _note, _plan_bytes, _report_nonfinite, _target_dtype, _write_json,
+from .convert import (Report, NoProgress, note, plan_bytes, report_nonfinite, target_dtype, write_json,
                       read_native, write_hf_weights)
 from .hfdir import fingerprint
 from .io.atomic import atomic_dir, check_output
@@ -38,8 +38,8 @@ def to_vllm(model_dir: str, out_dir: str | None = None, *, dtype: str = "bf16", 
             max_shard_size: str | int = "5GB", force: bool = False, progress=None, strict: bool = False) -> Report:
     """CosyVoice model dir → speech-only export (default: <model_dir>/vllm, where CosyVoice looks)."""
     t0 = time.perf_counter()
-    progress = progress or _NoProgress()
-    target = _target_dtype(dtype)
+    progress = progress or NoProgress()
+    target = target_dtype(dtype)
     out_dir = out_dir or os.path.join(model_dir, "vllm")
     shard_limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     md, pt, infos = read_native(model_dir, family)
@@ -47,21 +47,21 @@ def to_vllm(model_dir: str, out_dir: str | None = None, *, dtype: str = "bf16", 
         check_output(out_dir, md.inputs, force)
         report = Report("to-vllm", model_dir, out_dir, md.family.name)
         for n in pt.notes:
-            _note(report, f"{md.llm_pt}: {n}")
+            note(report, f"{md.llm_pt}: {n}")
         plan = plan_to_vllm(infos, dtype=target)
         source = {"llm_pt": os.path.abspath(md.llm_pt), "fingerprint": fingerprint(pt)}
-        progress.start(_plan_bytes(plan))
+        progress.start(plan_bytes(plan))
         rows = infos["speech_embedding.weight"].rows
         check = NonFiniteCheck(strict)
         with atomic_dir(out_dir) as tmp:
             report.bytes = write_hf_weights(tmp, plan, pt, progress, shard_limit, check)
-            _write_json(os.path.join(tmp, "config.json"),
+            write_json(os.path.join(tmp, "config.json"),
                         vllm_config(md.qwen_config, rows, plan.tensors[0].dtype, DECODER_B in infos, source))
             # CosyVoice deletes eos from the generation config: it stops on its own stop ids
-            _write_json(os.path.join(tmp, "generation_config.json"), {"do_sample": True, **md.family.generation})
+            write_json(os.path.join(tmp, "generation_config.json"), {"do_sample": True, **md.family.generation})
         report.tensors = len(plan.tensors)
         report.layout = {"family": md.family.name, "speech_rows": rows, "fingerprint": source["fingerprint"]}
-    _report_nonfinite(report, check)
+    report_nonfinite(report, check)
     progress.close()
     report.seconds = time.perf_counter() - t0
     return report
