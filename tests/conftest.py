@@ -53,6 +53,18 @@ def cv3_hf(cv3_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, cv2_dir, cv3_dir) -> dict:
+    """Copies of both model dirs with `to_vllm` written into <model_dir>/vllm (read-only, like the rest)."""
+    from cosybridge.vllm_export import to_vllm
+
+    out = {}
+    for family, d in (("cosyvoice2", cv2_dir), ("cosyvoice3", cv3_dir)):
+        out[family] = copy_tree(d, tmp_path_factory.mktemp("vllm") / "model")
+        to_vllm(str(out[family]))
+    return out
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

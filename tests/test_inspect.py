@@ -222,18 +222,6 @@ def test_hf_rl_trained_without_bias_and_stale_sidecar(cv2_hf, tmp_path):
 
 # ---- vLLM exports ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, cv2_dir, cv3_dir):
-    """Copies of both model dirs with `cosybridge.vllm_export.to_vllm` written into <model_dir>/vllm."""
-    from cosybridge.vllm_export import to_vllm
-
-    out = {}
-    for family, d in (("cosyvoice2", cv2_dir), ("cosyvoice3", cv3_dir)):
-        out[family] = copy_tree(d, tmp_path_factory.mktemp("vllm") / "model")
-        to_vllm(str(out[family]))
-    return out
-
-
 def test_vllm_export(exported, family):
     d = exported[family]
     r = inspect(d / "vllm")

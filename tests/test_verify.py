@@ -109,17 +109,6 @@ def test_upstream_style_hf(cv3_dir, cv3_hf, tmp_path):
     assert_equivalent(verify(hf, cv3_dir))
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, cv2_dir, cv3_dir):
-    from cosybridge.vllm_export import to_vllm
-
-    out = {}
-    for family, d in (("cosyvoice2", cv2_dir), ("cosyvoice3", cv3_dir)):
-        out[family] = copy_tree(d, tmp_path_factory.mktemp("vllm") / "model")
-        to_vllm(str(out[family]))
-    return out
-
-
 def test_vllm_export_as_a_side(exported, family):
     d = exported[family]
     r = verify(d / "vllm", d)
