@@ -43,32 +43,31 @@ def _progress(args, label: str) -> _Progress:
     return _Progress(not args.quiet and sys.stderr.isatty(), label)
 
 
+def _convert(args, convert, label: str, *paths, **options) -> int:
+    """Run one conversion with the options every converter shares, then print its summary line."""
+    report = convert(*paths, dtype=args.dtype, family=args.family, strict=args.strict,
+                     progress=_progress(args, label), **options)
+    log.warning(report.summary())
+    return 0
+
+
 def _cmd_to_hf(args) -> int:
     from .convert import to_hf
 
-    report = to_hf(args.model_dir, args.output, dtype=args.dtype, family=args.family,
-                   max_shard_size=args.max_shard_size, force=args.force, progress=_progress(args, "to-hf"),
-                   strict=args.strict)
-    log.warning(report.summary())
-    return 0
+    return _convert(args, to_hf, "to-hf", args.model_dir, args.output, max_shard_size=args.max_shard_size,
+                    force=args.force)
 
 
 def _cmd_to_pt(args) -> int:
-    from .convert import to_pt
-
     if args.install_into:
         from .install import install_into
 
-        report = install_into(args.hf_dirs[0], args.install_into, dtype=args.dtype, base=args.base,
-                              family=args.family, progress=_progress(args, "to-pt"), strict=args.strict)
-        log.warning(report.summary())
-        return 0
+        return _convert(args, install_into, "to-pt", args.hf_dirs[0], args.install_into, base=args.base)
     if len(args.hf_dirs) > 1 or args.output.endswith(os.sep) or os.path.isdir(args.output):
         return _to_pt_many(args)  # -o is a directory: also for one HF_DIR, as when a glob matches only one
-    report = to_pt(args.hf_dirs[0], args.output, dtype=args.dtype, base=args.base, family=args.family,
-                   force=args.force, progress=_progress(args, "to-pt"), strict=args.strict)
-    log.warning(report.summary())
-    return 0
+    from .convert import to_pt
+
+    return _convert(args, to_pt, "to-pt", args.hf_dirs[0], args.output, base=args.base, force=args.force)
 
 
 def _to_pt_many(args) -> int:
@@ -108,11 +107,8 @@ def _to_pt_many(args) -> int:
 def _cmd_to_vllm(args) -> int:
     from .vllm_export import to_vllm
 
-    report = to_vllm(args.model_dir, args.output, dtype=args.dtype, family=args.family,
-                     max_shard_size=args.max_shard_size, force=args.force, progress=_progress(args, "to-vllm"),
-                     strict=args.strict)
-    log.warning(report.summary())
-    return 0
+    return _convert(args, to_vllm, "to-vllm", args.model_dir, args.output, max_shard_size=args.max_shard_size,
+                    force=args.force)
 
 
 def _cmd_restore(args) -> int:
